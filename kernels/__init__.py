@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers (installed as ``cplfast.kernels``): no nn.Module, no training logic."""
