@@ -8,13 +8,14 @@ Three backends:
 * ``reference``: always the plain PyTorch oracle in :mod:`cplfast.reference`.
 
 The process-wide default comes from ``CPLFAST_BACKEND`` and :func:`set_backend`;
-:func:`use_backend` overrides it inside a ``with`` block (per thread / task, via a context var).
+:func:`use_backend` overrides it inside a ``with`` block. Both are plain module state, which
+``torch.compile`` reads and guards on: a compiled function re-traces when the backend changes.
+They are process-wide, not per thread.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib.util
 import os
 from typing import Iterator
@@ -32,7 +33,8 @@ def _check_name(name: object, argument: str) -> str:
 
 
 _default = _check_name(os.environ.get("CPLFAST_BACKEND", "auto"), "CPLFAST_BACKEND")
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("cplfast_backend", default=None)
+_overrides: list[str] = []
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def set_backend(name: str) -> None:
@@ -43,22 +45,21 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     """The backend in force here: the innermost :func:`use_backend`, else the process default."""
-    override = _override.get()
-    return override if override is not None else _default
+    return _overrides[-1] if _overrides else _default
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """``with cplfast.use_backend("reference"): ...`` runs the block on that backend."""
-    token = _override.set(_check_name(name, "name"))
+    _overrides.append(_check_name(name, "name"))
     try:
         yield
     finally:
-        _override.reset(token)
+        _overrides.pop()
 
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:

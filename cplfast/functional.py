@@ -8,6 +8,7 @@ it costs no device sync and traces cleanly under ``torch.compile``. The backend 
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 from typing import Sequence
 
@@ -28,8 +29,12 @@ _KERNEL_MODULES = {
 
 
 def _kernel_module(op: str) -> ModuleType | None:
-    """The op's kernel module, or None while that kernel does not exist yet."""
+    """The op's kernel module (imported on first use; ``sys.modules`` first so that
+    ``torch.compile`` traces the lookup without a graph break), or None if it does not exist."""
     name = _KERNEL_MODULES[op]
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as err:
@@ -44,6 +49,19 @@ def _impl(op: str, *tensors: torch.Tensor | None):
         if module is not None:
             return getattr(module, op)
     return getattr(reference, op)
+
+
+def _autocast(lowp: bool, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Under ``torch.autocast``, inputs of mixed dtypes (bf16 activations, fp32 parameters) are cast
+    to one dtype, as autocast does for the ops these replace: the autocast dtype for the matmul-like
+    ops (``lowp``), float32 for the losses. Outside autocast the tensors are returned unchanged, and
+    mixed dtypes are an error reported by the dtype check."""
+    present = [t for t in tensors if t is not None]
+    device_type = present[0].device.type
+    if not torch.is_autocast_enabled(device_type) or len({t.dtype for t in present}) == 1:
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type) if lowp else torch.float32
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def sparse_prompt(
@@ -68,6 +86,7 @@ def sparse_prompt(
     if bias is not None:
         check.tensor("bias", bias, 1)
     check.same_device(x=x, weight=weight, bias=bias, prompts=prompts)
+    x, weight, bias, prompts = _autocast(True, x, weight, bias, prompts)
     check.same_dtype(x=x, weight=weight, bias=bias, prompts=prompts)
     n, c = weight.shape
     check.shape("weight", weight, (None, x.shape[1]), "(N, C) with C = x.shape[1]")
@@ -131,6 +150,7 @@ def topm_channel_attention(
             raise ValueError("mix must be None when fractions is None (plain MDTA has nothing to mix)")
         check.shape("mix", mix, (len(fractions),), "(len(fractions),)")
     check.same_device(q=q, k=k, v=v, temperature=temperature, mix=mix)
+    q, k, v = _autocast(True, q, k, v)
     check.same_dtype(q=q, k=k, v=v)
     fn = _impl("topm_channel_attention", q, k, v)
     return fn(q, k, v, temperature, fractions=fractions, mix=mix)
@@ -156,6 +176,7 @@ def prompt_token_attention(
     if scale is not None:
         scale = check.positive_scalar("scale", scale)
     check.same_device(q=q, k=k, v=v)
+    q, k, v = _autocast(True, q, k, v)
     check.same_dtype(q=q, k=k, v=v)
     fn = _impl("prompt_token_attention", q, k, v)
     return fn(q, k, v, scale=scale)
@@ -186,6 +207,7 @@ def infonce(
     temperature = check.positive_scalar("temperature", temperature)
     reduction = check.choice("reduction", reduction, ("mean", "sum", "none"))
     check.same_device(anchor=anchor, positive=positive, negatives=negatives)
+    anchor, positive, negatives = _autocast(False, anchor, positive, negatives)
     check.same_dtype(anchor=anchor, positive=positive, negatives=negatives)
     fn = _impl("infonce", anchor, positive, negatives)
     return fn(anchor, positive, negatives, temperature=temperature, dim=dim % anchor.dim(), reduction=reduction)
@@ -230,6 +252,7 @@ def prototype_assignment(e: torch.Tensor, prototypes: torch.Tensor, *, temperatu
     check.shape("prototypes", prototypes, (None, e.shape[1]), "(T, E) with E = e.shape[1]")
     check.nonempty("prototypes", prototypes)
     check.same_device(e=e, prototypes=prototypes)
+    e, prototypes = _autocast(False, e, prototypes)
     check.same_dtype(e=e, prototypes=prototypes)
     temperature = check.positive_scalar("temperature", temperature)
     return reference.prototype_assignment(e, prototypes, temperature=temperature)

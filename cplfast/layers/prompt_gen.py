@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional
+from . import _checks
 
 
 class PromptGenBlock(nn.Module):
@@ -23,6 +24,9 @@ class PromptGenBlock(nn.Module):
 
     def __init__(self, prompt_dim: int = 128, prompt_len: int = 5, prompt_size: int = 96, lin_dim: int = 192):
         super().__init__()
+        for name, value in (("prompt_dim", prompt_dim), ("prompt_len", prompt_len), ("prompt_size", prompt_size),
+                            ("lin_dim", lin_dim)):
+            _checks.positive_int(name, value)
         self.prompt_param = nn.Parameter(torch.rand(1, prompt_len, prompt_dim, prompt_size, prompt_size))
         self.linear_layer = nn.Linear(lin_dim, prompt_len)
         self.conv3x3 = nn.Conv2d(prompt_dim, prompt_dim, kernel_size=3, stride=1, padding=1, bias=False)
@@ -36,6 +40,8 @@ class PromptGenBlock(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mixed prompt resized to x (B,D,H,W), routing (B,N))``, before ``conv3x3``."""
+        lin_dim = self.linear_layer.in_features
+        _checks.feature_map("x", x, lin_dim, f"(B, lin_dim, H, W) with lin_dim = {lin_dim}")
         return functional.sparse_prompt(
             x, self.linear_layer.weight, self.linear_layer.bias, self.prompts,
             k=self.top_k, temperature=self.temperature, renorm=self.renorm,
@@ -51,7 +57,7 @@ class PromptGenBlock(nn.Module):
             raise ValueError(
                 f"routing must have shape (B, {self.prompt_param.shape[1]}), got {tuple(routing.shape)}"
             )
-        mixed = torch.einsum("bn,nds->bds", routing.to(self.prompts.dtype), self.prompts.flatten(1))
+        mixed = routing.to(self.prompts.dtype) @ self.prompts.flatten(1)
         mixed = mixed.view(routing.shape[0], *self.prompts.shape[1:])
         if tuple(size) != tuple(mixed.shape[-2:]):
             mixed = F.interpolate(mixed, size=tuple(size), mode="bilinear", align_corners=False)
@@ -101,8 +107,9 @@ class SparsePromptModule(PromptGenBlock):
     def negative_routing(self, routing: torch.Tensor, num_negatives: int) -> torch.Tensor:
         """Mismatched routing ``(K,B,N)`` from the router's ``routing (B,N)``.
 
-        Negative j puts the kept weights (in the router's order) onto the unselected components ranked
-        ``j*k .. j*k+k-1`` by routing score: the hardest negatives first. ``K <= (N-k)//k``.
+        Negative j puts the kept weights (largest first) onto the unselected components number
+        ``j*k .. j*k+k-1``, counted in index order (after top-k they all carry weight 0, so the
+        stable sort keeps them in index order). ``K <= (N-k)//k``.
         """
         k = self.top_k
         if not 1 <= num_negatives <= self.max_negatives():
@@ -110,6 +117,10 @@ class SparsePromptModule(PromptGenBlock):
                 f"num_negatives must be in [1, {self.max_negatives()}] for prompt_len="
                 f"{self.prompt_param.shape[1]} and top_k={k}, got {num_negatives}"
             )
+        n = self.prompt_param.shape[1]
+        if not isinstance(routing, torch.Tensor) or routing.dim() != 2 or routing.shape[1] != n:
+            shape = tuple(routing.shape) if isinstance(routing, torch.Tensor) else type(routing).__name__
+            raise ValueError(f"routing must have shape (B, {n}), got {shape}")
         routing = routing.detach()
         order = torch.sort(routing, dim=1, descending=True, stable=True).indices
         kept_values = torch.gather(routing, 1, order[:, :k])

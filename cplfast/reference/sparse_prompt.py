@@ -57,6 +57,8 @@ def sparse_prompt(
     w = routing_weights(x, weight, bias, k, temperature, renorm)
     mixed = torch.einsum("bn,nds->bds", w, prompts.flatten(2)).view(w.shape[0], *prompts.shape[1:])
     target = tuple(size) if size is not None else tuple(x.shape[-2:])
-    if target != tuple(mixed.shape[-2:]):
+    # Under torch.export the sizes are symbolic: resize unconditionally (a same-size bilinear resize
+    # is the identity) so the exported graph does not guard on H, W != S.
+    if torch.compiler.is_exporting() or target != tuple(mixed.shape[-2:]):
         mixed = F.interpolate(mixed, size=target, mode="bilinear", align_corners=False)
     return mixed, w
