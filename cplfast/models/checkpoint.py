@@ -1,0 +1,100 @@
+"""Reading state_dicts from checkpoint files safely (SPEC §9: no code runs from a user's file).
+
+``.ckpt`` / ``.pth`` / ``.pt`` / ``.bin`` go through ``torch.load(weights_only=True)``; ``.safetensors``
+through safetensors. Official PromptIR checkpoints are PyTorch-Lightning files whose ``state_dict``
+keys carry the module prefix ``net.``; DDP adds ``module.``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+TORCH_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
+SAFETENSORS_SUFFIXES = (".safetensors",)
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "params")
+_PREFIXES = ("net.", "module.", "model.", "_orig_mod.")
+
+
+def read_state_dict_file(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
+    """The raw object stored in a checkpoint file (a dict), read without executing code from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist or is not a file")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device=str(map_location))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise RuntimeError(f"checkpoint {str(path)!r} is not a readable safetensors file: {err}") from err
+    if suffix not in TORCH_SUFFIXES:
+        raise ValueError(
+            f"checkpoint path {str(path)!r} must end in one of {TORCH_SUFFIXES + SAFETENSORS_SUFFIXES}, got {suffix!r}"
+        )
+    try:
+        obj = torch.load(str(path), map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        raise RuntimeError(
+            f"checkpoint {str(path)!r} could not be read with torch.load(weights_only=True) "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). It is corrupt, or it "
+            "holds Python objects beyond tensors and containers; re-save just its state_dict "
+            "(torch.save(ckpt['state_dict'], 'weights.pth')) or convert it to safetensors."
+        ) from err
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict / state_dict")
+    return dict(obj)
+
+
+def unwrap_state_dict(obj: Mapping, *, prefixes: tuple[str, ...] = _PREFIXES) -> dict[str, torch.Tensor]:
+    """The tensor state_dict inside ``obj``: unwrap ``{"state_dict": ...}``-style containers, then strip a
+    prefix (``net.``, ``module.``, ``model.``, ``_orig_mod.``) shared by every key."""
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(obj).__name__}")
+    state = obj
+    for _ in range(3):
+        inner = next((state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
+        if inner is None or all(isinstance(v, torch.Tensor) for v in state.values()):
+            break
+        state = inner
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise ValueError("state_dict holds no tensors")
+    changed = True
+    while changed:
+        changed = False
+        for prefix in prefixes:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def official_state_dict(source, *, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A PromptIR state_dict from a mapping or a checkpoint path, with wrappers and prefixes removed.
+
+    A Lightning checkpoint may also hold tensors of other modules (e.g. a loss); only keys with the
+    ``net.`` prefix are kept when there are any.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        source = read_state_dict_file(source, map_location=map_location)
+    if not isinstance(source, Mapping):
+        raise TypeError(
+            f"source must be a state_dict or a checkpoint path, got {type(source).__name__}"
+        )
+    state = source
+    for key in _WRAPPER_KEYS:
+        if isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    if isinstance(state, Mapping) and any(str(k).startswith("net.") for k in state):
+        state = {k: v for k, v in state.items() if str(k).startswith("net.")}
+    return unwrap_state_dict(state)
+
+
+__all__ = ["official_state_dict", "read_state_dict_file", "unwrap_state_dict"]
