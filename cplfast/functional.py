@@ -258,6 +258,11 @@ def prototype_assignment(e: torch.Tensor, prototypes: torch.Tensor, *, temperatu
     return reference.prototype_assignment(e, prototypes, temperature=temperature)
 
 
+# Register the custom ops now (cheap: Triton itself is imported on the first kernel call), so the
+# first call under torch.compile finds its module in sys.modules and traces without a graph break.
+for _name in _KERNEL_MODULES.values():
+    importlib.import_module(_name)
+
 __all__ = [
     "infonce",
     "prompt_token_attention",
