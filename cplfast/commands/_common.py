@@ -1,0 +1,47 @@
+"""Argument helpers shared by the demo / train / eval / restore commands."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: the cores not already busy, from the load average)")
+
+
+def setup_device(args: argparse.Namespace) -> torch.device:
+    """Resolve ``--device`` and set the CPU thread count (``--threads`` or :func:`cplfast.train.cpu_threads`)."""
+    from ..train import cpu_threads, resolve_device
+
+    device = resolve_device(args.device)
+    threads = args.threads
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads or cpu_threads())
+    return device
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def tasks_argument(text: str) -> tuple[str, ...]:
+    """``noise,rain,haze`` -> a validated tuple of task names (composites joined by '+')."""
+    from ..data import parse_task
+
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not tasks:
+        raise argparse.ArgumentTypeError("give at least one task")
+    for t in tasks:
+        try:
+            parse_task(t)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return tasks

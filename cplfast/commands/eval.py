@@ -1,0 +1,56 @@
+"""``cplfast eval``: per-task PSNR/SSIM of a checkpoint (terminal table + markdown + CSV)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..cli import CommandError
+from ._common import add_device_arguments, setup_device, tasks_argument
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="model.safetensors, its run folder, or an official PromptIR .ckpt/.pth")
+    parser.add_argument("--data", default=None,
+                        help="test folder: input/+target/ pairs, a PromptIR/AirNet test tree, or clean images degraded by "
+                             "--tasks (default: held-out crops of the embedded photographs)")
+    parser.add_argument("--tasks", type=tasks_argument, default=None,
+                        help="degradations for clean images, comma separated (default: the checkpoint's tasks)")
+    parser.add_argument("--channel", choices=("rgb", "y"), default="rgb",
+                        help="score RGB (PromptIR protocol) or the BT.601 Y channel (CPL protocol) (default: rgb)")
+    parser.add_argument("--crop-border", type=int, default=0, help="pixels removed from each side before scoring")
+    parser.add_argument("--tile", type=int, default=None, help="restore in tiles of this size (a multiple of 8)")
+    parser.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default: 32)")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the synthetic degradations (default: 1234)")
+    parser.add_argument("--out", default=None, help="folder for eval_<channel>.md/.csv (default: the checkpoint's folder)")
+    add_device_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import resolve_checkpoint
+    from ..data import TASKS, embedded_eval_dataset, folder_dataset
+    from ..evaluate import evaluate, format_table, write_tables
+    from ..train import inference_model
+
+    if args.crop_border < 0:
+        raise CommandError(f"--crop-border must be >= 0, got {args.crop_border}")
+    device = setup_device(args)
+    path = resolve_checkpoint(args.checkpoint)
+    model, config = inference_model(path, device)
+    tasks = tuple(args.tasks or config.get("tasks") or TASKS)
+    if args.data is None:
+        dataset = embedded_eval_dataset(tasks, seed=args.seed)
+        source = "held-out crops of the embedded photographs"
+    else:
+        dataset = folder_dataset(args.data, patch=None, seed=args.seed, tasks=tasks)
+        source = str(args.data)
+    if len(dataset) == 0:
+        raise CommandError(f"no images to evaluate in {source}")
+    print(f"evaluating {path} on {source} ({len(dataset)} images, {args.channel.upper()})", flush=True)
+    result = evaluate(model, dataset, device=device, channel=args.channel, crop_border=args.crop_border,
+                      tile=args.tile, overlap=args.overlap, progress=True)
+    print(format_table(result))
+    out = Path(args.out) if args.out else path.parent
+    md, cs = write_tables(result, out, stem=f"eval_{args.channel}")
+    print(f"wrote {md} and {cs}")
+    return 0

@@ -1,0 +1,82 @@
+"""``cplfast train``: train a PromptIR / CPL / PIP / DPPD model; ``--resume`` continues a run exactly."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from ..cli import CommandError
+from ._common import add_device_arguments, positive_int, setup_device, tasks_argument
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=("tiny", "small", "base"), default=None, help="model size (default: tiny)")
+    parser.add_argument("--prompt", choices=("cpl", "promptir", "pip", "dppd", "none"), default=None,
+                        help="prompt variant (default: cpl)")
+    parser.add_argument("--data", default=None,
+                        help="training folder: input/+target/ pairs, a PromptIR/AirNet tree, or clean images to degrade "
+                             "on the fly (default: the scikit-image photographs)")
+    parser.add_argument("--tasks", type=tasks_argument, default=None,
+                        help="degradations for clean images, comma separated (default: noise,rain,haze,blur,lowlight)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: 1000)")
+    parser.add_argument("--batch", type=positive_int, default=None, help="batch size (default: 8)")
+    parser.add_argument("--patch", type=positive_int, default=None, help="training patch side, a multiple of 8 (default: 64)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-4)")
+    parser.add_argument("--pixel-loss", choices=("l1", "psnr"), default=None,
+                        help="pixel loss: l1 (PromptIR/CPL) or psnr (mean per-image log MSE) (default: l1)")
+    parser.add_argument("--negatives", type=int, default=None, help="CPR negatives per image for cpl; 0 disables CPR (default: 2)")
+    parser.add_argument("--cpr-weight", type=float, default=None, help="weight of the CPR loss (default: 0.1)")
+    parser.add_argument("--ema", type=float, default=None, help="EMA decay; 0 disables (default: 0.999)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    parser.add_argument("--workers", type=int, default=None, help="data loader worker processes (default: 0)")
+    parser.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps; 0: only at the end (default: 500)")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="stop after this many seconds with a completed schedule (makes the step count speed-dependent)")
+    parser.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+    parser.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
+    parser.add_argument("--resume", default=None, metavar="RUN",
+                        help="continue the run in this folder (or its train_state.safetensors); --steps may extend it")
+    parser.add_argument("--out", default=None, help="run folder for checkpoints (default: runs/<prompt>-<preset>)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_arguments(parser)
+
+
+_FLAG_FIELDS = {
+    "preset": "preset", "prompt": "prompt", "data": "data", "tasks": "tasks", "steps": "steps", "batch": "batch",
+    "patch": "patch", "lr": "lr", "pixel_loss": "pixel_loss", "negatives": "num_negatives", "cpr_weight": "cpr_weight", "ema": "ema", "seed": "seed",
+    "workers": "workers", "save_every": "save_every", "time_budget": "time_budget",
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluate import routing_profile
+    from ..train import TrainConfig, Trainer
+
+    setup_device(args)
+    if args.resume:
+        explicit = [flag for flag in _FLAG_FIELDS if flag != "steps" and getattr(args, flag) is not None]
+        if explicit:
+            raise CommandError(f"--resume continues the saved configuration; only --steps may change (got --{explicit[0].replace('_', '-')})")
+        trainer = Trainer.resume(args.resume, out_dir=args.out, steps=args.steps, progress=not args.quiet)
+        if trainer.step >= trainer.config.steps:
+            raise CommandError(f"the run in {args.resume} already finished {trainer.step} steps; pass a larger --steps to extend it")
+        print(f"resuming {trainer.config.prompt}/{trainer.config.preset} at step {trainer.step} of {trainer.config.steps}")
+    else:
+        values = {name: getattr(args, flag) for flag, name in _FLAG_FIELDS.items() if getattr(args, flag) is not None}
+        if args.data is not None and not Path(args.data).exists():
+            raise FileNotFoundError(f"no such data folder: {args.data}")
+        config = dataclasses.replace(TrainConfig(), **values, amp=not args.no_amp, deterministic=args.deterministic,
+                                     device=args.device)
+        out = Path(args.out or f"runs/{config.prompt}-{config.preset}")
+        if (out / "train_state.safetensors").exists():
+            raise CommandError(f"{out} already holds a training run; continue it with --resume {out} or pick another --out")
+        trainer = Trainer(config, out, progress=not args.quiet)
+        print(f"training {config.prompt}/{config.preset} on {', '.join(trainer.tasks)} "
+              f"({config.steps} steps, batch {config.batch}, patch {config.patch}) on {trainer.device} -> {trainer.out_dir}")
+    result = trainer.fit()
+    profile = routing_profile(trainer.model_for_eval(), trainer.dataset, device=trainer.device)
+    trainer.save(extra_config={"routing_by_task": profile})
+    print(f"done: {result.steps} steps in {result.seconds:.0f} s, last loss {result.last_loss:.4f}; "
+          f"model: {result.model_path}")
+    return 0

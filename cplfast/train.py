@@ -1,0 +1,498 @@
+"""Training loop for PromptIR / CPL / PIP / DPPD models (SPEC §6).
+
+Per step, with x the degraded batch, y the clean batch and ŷ = model(x)::
+
+    loss = L1(ŷ, y)                                   (mean absolute error; PromptIR / CPL)
+         + CPR(ŷ, y, negatives)                       (cpl with num_negatives > 0: ContrastivePromptLoss)
+         + Σ aux["losses"]                            (pip / dppd regularisers, already weighted)
+
+``pixel_loss="psnr"`` replaces the L1 term by ``mean_i 10 log10(MSE_i + 1e-8)`` over the images i of
+the batch (= −mean PSNR at data range 1): every image's gradient is divided by its own error, so images that
+are already close (mild blur) weigh as much as badly degraded ones (low light) — the weighting of a
+mean-PSNR score. ``zero_init_output`` zeroes the last convolution so the network starts as the
+identity (PromptIR adds its input to the output).
+
+AdamW; learning rate ``lr · min(p / warmup, 1)`` during warm-up, then a cosine from ``lr`` to
+``min_lr`` over the rest, where the progress ``p`` is ``step / steps`` — or, with a ``time_budget``,
+``max(step / steps, elapsed / time_budget)`` so a run ends on time with a finished schedule.
+bf16 autocast on CUDA; gradient-norm clipping; an exponential moving average (EMA) of the weights
+with warm-up ``decay_n = min(decay, (1 + n) / (10 + n))``; a tqdm bar with the loss and it/s.
+
+Reproducibility: batch ``s`` holds dataset items ``s·B … s·B+B−1`` (the datasets are index-addressed,
+:mod:`cplfast.data.datasets`), and the training state file stores the raw weights, AdamW moments,
+EMA, schedule position and torch RNG states, so ``resume`` continues bit for bit (CPU, fixed thread
+count, no time budget) — the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from . import checkpoint as ckpt
+from .data import TASKS, embedded_train_dataset, folder_dataset
+
+TRAIN_STATE_KIND = "train_state"
+PSNR_LOSS_WEIGHT = 0.03  # weight of the PSNR term in pixel_loss="l1+psnr"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved with every checkpoint)."""
+
+    preset: str = "tiny"
+    prompt: str = "cpl"
+    top_k: int = 1
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data: str | None = None  # None: the embedded scikit-image photographs
+    tasks: tuple[str, ...] = TASKS
+    steps: int = 1000
+    batch: int = 8
+    patch: int = 64
+    lr: float = 2e-4
+    min_lr: float = 1e-6
+    warmup: float = 0.05  # fraction of the schedule
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # 0 disables
+    ema: float = 0.999  # 0 disables
+    num_negatives: int = 2  # CPR negatives per image (cpl); 0 disables CPR
+    cpr_weight: float = 0.1
+    cpr_temperature: float = 0.1
+    amp: bool = True  # bf16 autocast, CUDA only
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    save_every: int = 500  # steps; 0 saves only at the end
+    time_budget: float | None = None  # seconds of training; None: run all steps
+    deterministic: bool = False
+    pixel_loss: str = "l1"  # "l1" (PromptIR / CPL) or "psnr": mean over images of 10 log10(MSE)
+    zero_init_output: bool = False  # start as the identity (output conv zeroed; PromptIR adds the input)
+
+    def validate(self) -> "TrainConfig":
+        def positive_int(name: str, value, minimum: int = 1) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+        positive_int("steps", self.steps)
+        positive_int("batch", self.batch)
+        positive_int("patch", self.patch, 8)
+        if self.patch % 8:
+            raise ValueError(f"patch must be a multiple of 8 (the U-net downsamples 3 times), got {self.patch}")
+        positive_int("num_negatives", self.num_negatives, 0)
+        positive_int("workers", self.workers, 0)
+        positive_int("save_every", self.save_every, 0)
+        for name in ("lr", "cpr_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("min_lr", "weight_decay", "grad_clip", "cpr_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"time_budget must be > 0 seconds or None, got {self.time_budget!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if not self.tasks:
+            raise ValueError("tasks must not be empty")
+        if self.pixel_loss not in ("l1", "psnr", "l1+psnr"):
+            raise ValueError(f"pixel_loss must be 'l1', 'psnr' or 'l1+psnr', got {self.pixel_loss!r}")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["tasks"] = list(self.tasks)
+        out["betas"] = list(self.betas)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(obj) - names)
+        if unknown:
+            raise ckpt.CheckpointError(f"training config has unknown fields {unknown}")
+        obj = dict(obj)
+        if "tasks" in obj:
+            obj["tasks"] = tuple(obj["tasks"])
+        if "betas" in obj:
+            obj["betas"] = tuple(obj["betas"])
+        return cls(**obj)
+
+
+# ------------------------------------------------------------------------------------ components
+def cpu_threads() -> int:
+    """CPU threads worth using now: the cores not already busy (1-minute load average), at least 1.
+
+    Oversubscribed OpenMP threads wait on each other at every barrier, which on a shared machine
+    makes small convolutions many times slower than one thread. ``OMP_NUM_THREADS`` wins if set.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load = 0.0
+    return max(1, min(cores, int(cores - load + 0.5)))
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def model_spec(config: TrainConfig, num_tasks: int) -> dict[str, Any]:
+    """The JSON description :func:`build_model` rebuilds a model from."""
+    overrides = dict(config.model_overrides)
+    if config.prompt in ("pip", "dppd") and "num_degradations" not in overrides:
+        overrides["num_degradations"] = max(1, num_tasks)
+    return {"prompt": config.prompt, "preset": config.preset, "top_k": config.top_k, "overrides": overrides}
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    """A :class:`cplfast.models.PromptIR` from a :func:`model_spec` dict."""
+    from .models import PromptIR
+
+    try:
+        return PromptIR(
+            prompt=spec["prompt"], preset=spec["preset"], top_k=int(spec.get("top_k", 1)), **dict(spec.get("overrides", {}))
+        )
+    except KeyError as err:
+        raise ckpt.CheckpointError(f"model config lacks {err.args[0]!r}") from None
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers (fp32).
+
+    ``shadow = d · shadow + (1 − d) · current`` with ``d = min(decay, (1 + n) / (10 + n))`` after
+    update n, so early averages are not dominated by the initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = float(decay)
+        self.updates = 0
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+
+    def state_dict_for(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state_dict with the averaged values in place of the floating-point entries."""
+        return {k: (self.shadow[k].to(v.dtype) if k in self.shadow else v) for k, v in model.state_dict().items()}
+
+
+def lr_at(progress: float, config: TrainConfig) -> float:
+    """Warm-up then cosine, as a function of the schedule progress in [0, 1]."""
+    progress = min(max(progress, 0.0), 1.0)
+    if config.warmup > 0 and progress < config.warmup:
+        return config.lr * max(progress / config.warmup, 1e-3)
+    rest = (progress - config.warmup) / max(1e-12, 1 - config.warmup)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * rest))
+
+
+class _IndexRange(torch.utils.data.Sampler):
+    """Dataset indices ``start … stop−1`` in order (items are pure functions of their index)."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def make_train_dataset(config: TrainConfig) -> Dataset:
+    if config.data is None:
+        return embedded_train_dataset(config.tasks, patch=config.patch, seed=config.seed)
+    return folder_dataset(config.data, patch=config.patch, seed=config.seed, tasks=config.tasks)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    model_path: Path
+    steps: int
+    seconds: float
+    last_loss: float
+    stopped_early: bool
+
+
+# ------------------------------------------------------------------------------------------ trainer
+class Trainer:
+    """Owns the model, optimizer, EMA, data and checkpoints of one run folder ``out_dir``."""
+
+    def __init__(self, config: TrainConfig, out_dir: str | os.PathLike, *, dataset: Dataset | None = None,
+                 progress: bool = True):
+        self.config = config.validate()
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True)
+            if self.device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+                torch.backends.cudnn.benchmark = False
+        torch.manual_seed(config.seed)
+        self.dataset = dataset if dataset is not None else make_train_dataset(config)
+        self.tasks = list(getattr(self.dataset, "tasks", config.tasks))
+        self.spec = model_spec(config, len(self.tasks))
+        self.model = build_model(self.spec).to(self.device)
+        if config.zero_init_output:
+            with torch.no_grad():
+                for p in self.model.output.parameters():
+                    p.zero_()
+        if config.num_negatives and config.prompt == "cpl":
+            from .losses import ContrastivePromptLoss
+
+            limit = min(getattr(self.model, f"prompt{i}").max_negatives() for i in (1, 2, 3))
+            if config.num_negatives > limit:
+                raise ValueError(f"num_negatives must be <= {limit} for this model (prompt_len, top_k), got {config.num_negatives}")
+            self.cpr = ContrastivePromptLoss(temperature=config.cpr_temperature, weight=config.cpr_weight).to(self.device)
+        else:
+            self.cpr = None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+        self.ema = EMA(self.model, config.ema) if config.ema > 0 else None
+        self.step = 0
+        self.elapsed = 0.0  # training seconds spent in earlier sessions of this run
+        self.last_loss = float("nan")
+        self.use_amp = bool(config.amp) and self.device.type == "cuda"
+
+    # ------------------------------------------------------------------ checkpoints
+    def model_config(self) -> dict[str, Any]:
+        return {
+            "format": ckpt.FORMAT, "model": self.spec, "tasks": self.tasks, "step": self.step,
+            "train": self.config.to_json(), "weights": "ema" if self.ema is not None else "raw",
+        }
+
+    def inference_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.ema.state_dict_for(self.model) if self.ema is not None else self.model.state_dict()
+
+    def model_for_eval(self) -> nn.Module:
+        """A separate copy of the model holding the inference weights (EMA if on), in eval mode."""
+        model = build_model(self.spec).to(self.device)
+        model.load_state_dict(self.inference_state_dict())
+        return model.eval()
+
+    def save(self, extra_config: dict[str, Any] | None = None) -> Path:
+        """Write the training state, then the model file and config.json (each atomically)."""
+        tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
+        opt_tensors, opt_meta = ckpt.flatten_optimizer_state(self.optimizer.state_dict())
+        tensors.update(opt_tensors)
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            for i, state in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = state
+        meta = {
+            "kind": TRAIN_STATE_KIND, "step": self.step, "elapsed": self.elapsed,
+            "last_loss": self.last_loss if math.isfinite(self.last_loss) else None,
+            "config": self.config.to_json(), "model": self.spec, "tasks": self.tasks, "optimizer": opt_meta,
+            "ema_updates": self.ema.updates if self.ema is not None else 0,
+        }
+        ckpt.save_tensors(self.out_dir / ckpt.STATE_FILE, tensors, meta)
+        config = self.model_config()
+        if extra_config:
+            config.update(extra_config)
+        return ckpt.save_model(self.out_dir, self.inference_state_dict(), config)
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        """Restore everything :meth:`save` wrote (the run's config must match)."""
+        tensors, meta = ckpt.load_tensors(path)
+        if meta.get("kind") != TRAIN_STATE_KIND:
+            raise ckpt.CheckpointError(f"{path} is not a cplfast training state")
+        if meta.get("model") != self.spec:
+            raise ckpt.CheckpointError(f"{path} was written for model {meta.get('model')}, this run builds {self.spec}")
+        model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            self.model.load_state_dict(model_state, strict=True)
+            self.optimizer.load_state_dict(ckpt.unflatten_optimizer_state(tensors, meta["optimizer"]))
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise ckpt.CheckpointError(f"{path} does not fit this model ({str(err).splitlines()[0][:120]})") from None
+        if self.ema is not None:
+            for k in self.ema.shadow:
+                if f"ema.{k}" not in tensors:
+                    raise ckpt.CheckpointError(f"{path} lacks the EMA weights")
+                self.ema.shadow[k] = tensors[f"ema.{k}"].to(self.device, torch.float32).clone()
+            self.ema.updates = int(meta.get("ema_updates", 0))
+        torch.set_rng_state(tensors["rng.torch"])
+        if self.device.type == "cuda":
+            states = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
+            if len(states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states)
+        self.step = int(meta["step"])
+        self.elapsed = float(meta.get("elapsed", 0.0))
+        self.last_loss = float(meta.get("last_loss") if meta.get("last_loss") is not None else "nan")
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike, *, out_dir: str | os.PathLike | None = None, steps: int | None = None,
+               progress: bool = True, dataset: Dataset | None = None) -> "Trainer":
+        """A trainer continuing the run saved at ``path`` (a run folder or its ``train_state.safetensors``)."""
+        path = Path(path)
+        state_path = path / ckpt.STATE_FILE if path.is_dir() else path
+        if not state_path.exists():
+            raise FileNotFoundError(f"no training state to resume: {state_path}")
+        _, meta = ckpt.load_tensors(state_path)
+        if meta.get("kind") != TRAIN_STATE_KIND or "config" not in meta:
+            raise ckpt.CheckpointError(f"{state_path} is not a cplfast training state")
+        config = TrainConfig.from_json(meta["config"])
+        if steps is not None:
+            config = dataclasses.replace(config, steps=steps)
+        trainer = cls(config, out_dir or state_path.parent, dataset=dataset, progress=progress)
+        trainer.load_state(state_path)
+        return trainer
+
+    # ------------------------------------------------------------------ training
+    def _progress(self, step: int, elapsed: float) -> float:
+        p = step / self.config.steps
+        if self.config.time_budget:
+            p = max(p, elapsed / self.config.time_budget)
+        return p
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        x = batch["input"].to(self.device, non_blocking=True)
+        y = batch["target"].to(self.device, non_blocking=True)
+        labels = batch["task"].to(self.device) if self.config.prompt in ("pip", "dppd") else None
+        k = self.config.num_negatives if self.cpr is not None else 0
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            out, aux = self.model(x, labels=labels, num_negatives=k, return_aux=True)
+        out = out.float()
+        pixel = out.new_zeros(())
+        if "l1" in self.config.pixel_loss:
+            pixel = pixel + (out - y).abs().mean()
+        if "psnr" in self.config.pixel_loss:  # each image's gradient scaled by its own error, as PSNR weighs them
+            mse = (out - y).pow(2).flatten(1).mean(1)
+            weight = 1.0 if self.config.pixel_loss == "psnr" else PSNR_LOSS_WEIGHT
+            pixel = pixel + weight * (10 / math.log(10)) * torch.log(mse + 1e-8).mean()
+        parts = {self.config.pixel_loss: float(pixel.detach())}
+        loss = pixel
+        if k:
+            cpr = self.cpr(out, y, aux["negatives"].float())
+            loss = loss + cpr
+            parts["cpr"] = float(cpr.detach())
+        for name, value in aux.get("losses", {}).items():
+            loss = loss + value.float()
+            parts[name] = float(value.detach())
+        return loss, parts
+
+    def fit(self, until: int | None = None) -> TrainResult:
+        """Train from the current step to ``config.steps`` (or ``until``, or the time budget)."""
+        cfg = self.config
+        stop = min(cfg.steps, until) if until is not None else cfg.steps
+        self.model.train()
+        loader = DataLoader(
+            self.dataset, batch_size=cfg.batch, sampler=_IndexRange(self.step * cfg.batch, stop * cfg.batch),
+            num_workers=cfg.workers, pin_memory=self.device.type == "cuda", drop_last=True,
+            persistent_workers=False,
+        )
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="it", dynamic_ncols=True, leave=True)
+        start = time.perf_counter()
+        base_elapsed = self.elapsed
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        stopped_early = False
+        try:
+            for batch in loader:
+                elapsed = base_elapsed + time.perf_counter() - start
+                progress = self._progress(self.step, elapsed)
+                if progress >= 1.0:
+                    stopped_early = self.step < cfg.steps
+                    break
+                lr = lr_at(progress, cfg)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss, parts = self._loss(batch)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"training diverged at step {self.step}: loss is {float(loss)} ({parts})")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update(self.model)
+                self.step += 1
+                self.last_loss = float(loss.detach())
+                self.elapsed = base_elapsed + time.perf_counter() - start
+                if bar is not None:
+                    if cfg.time_budget:  # show the step count the budget will allow
+                        p = self._progress(self.step, self.elapsed)
+                        bar.total = max(self.step + 1, min(cfg.steps, round(self.step / max(p, 1e-9))))
+                    bar.set_postfix({"loss": f"{self.last_loss:.4f}", **{k: f"{v:.4f}" for k, v in parts.items()},
+                                     "lr": f"{lr:.2e}"}, refresh=False)
+                    bar.update(1)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < stop:
+                    self.save()
+        finally:
+            if bar is not None:
+                if cfg.time_budget:
+                    bar.total = self.step
+                    bar.refresh()
+                bar.close()
+        model_path = self.save()
+        return TrainResult(self.out_dir, model_path, self.step, self.elapsed, self.last_loss, stopped_early)
+
+
+def inference_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """``(model in eval mode, config)`` from a cplfast checkpoint (file or run folder).
+
+    Official PromptIR files (``.ckpt``, ``.pth``, ``.pt``) load as the ``base`` PromptIR model.
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in ckpt.TORCH_SUFFIXES:
+        from .models import PromptIR
+
+        try:
+            model = PromptIR.from_official(path)
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise ckpt.CheckpointError(str(err).splitlines()[0]) from None
+        config = {"model": {"prompt": "promptir", "preset": "base", "top_k": 1, "overrides": {}}, "tasks": []}
+        return model.to(device).eval(), config
+    state, config = ckpt.load_model_file(path)
+    if not isinstance(config.get("model"), dict):
+        raise ckpt.CheckpointError(f"{path} has no model description in its config")
+    try:
+        model = build_model(config["model"])
+    except (TypeError, ValueError) as err:
+        raise ckpt.CheckpointError(f"{path}: cannot build its model ({err})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ckpt.CheckpointError(f"{path}: weights do not fit the model ({str(err).splitlines()[0][:120]})") from None
+    return model.to(device).eval(), config
+
+
+def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True) -> TrainResult:
+    """Train a model from scratch into ``out_dir`` (see :class:`Trainer`)."""
+    return Trainer(config, out_dir, progress=progress).fit()
+
+
+__all__ = ["EMA", "cpu_threads", "TrainConfig", "TrainResult", "Trainer", "build_model", "inference_model", "lr_at", "model_spec",
+           "resolve_device", "train"]

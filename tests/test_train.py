@@ -1,0 +1,126 @@
+"""Training loop, schedule, EMA and checkpoints (cplfast.train, cplfast.checkpoint)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from cplfast import checkpoint as ckpt
+from cplfast.train import EMA, TrainConfig, Trainer, inference_model, lr_at
+
+# Tiny runs: 16x16 patches, batch 2, a few steps.
+FAST = dict(preset="tiny", patch=16, batch=2, save_every=0, lr=1e-3, tasks=("noise", "haze"))
+
+
+def _weights(folder):
+    tensors, _ = ckpt.load_tensors(folder / ckpt.STATE_FILE)
+    return {k: v for k, v in tensors.items() if not k.startswith("rng.")}
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    torch.set_num_threads(1)
+    config = TrainConfig(**FAST, steps=4, num_negatives=1, ema=0.9, deterministic=True, seed=int(torch.randint(0, 99, ())))
+    full = Trainer(config, tmp_path / "full", progress=False)
+    full.fit()
+    part = Trainer(config, tmp_path / "part", progress=False)
+    part.fit(until=2)
+    assert part.step == 2
+    resumed = Trainer.resume(tmp_path / "part", progress=False)
+    assert resumed.step == 2
+    resumed.fit()
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert set(a) == set(b)
+    assert any(k.startswith("optim.") for k in a) and any(k.startswith("ema.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # and the run really trained: the weights moved away from a fresh model's
+    fresh = Trainer(config, tmp_path / "fresh", progress=False)
+    assert not all(torch.equal(v, a[f"model.{k}"]) for k, v in fresh.model.state_dict().items())
+
+
+def test_saved_model_rebuilds_with_ema_weights(tmp_path):
+    config = TrainConfig(**FAST, steps=2, num_negatives=0, ema=0.5, prompt="promptir")
+    trainer = Trainer(config, tmp_path, progress=False)
+    result = trainer.fit()
+    model, saved = inference_model(tmp_path)
+    assert saved["model"]["prompt"] == "promptir" and saved["tasks"] == ["noise", "haze"] and saved["weights"] == "ema"
+    assert json.loads((tmp_path / ckpt.CONFIG_FILE).read_text())["step"] == 2
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            assert torch.equal(v, trainer.ema.shadow[k].to(v.dtype))
+    x = torch.rand(1, 3, 24, 16)
+    out, routing = model.restore(x)
+    assert out.shape == x.shape and set(routing) == {"prompt1", "prompt2", "prompt3"}
+    assert result.model_path == tmp_path / ckpt.MODEL_FILE
+
+
+@pytest.mark.parametrize("prompt", ["pip", "dppd"])
+def test_variants_train_with_their_aux_losses(tmp_path, prompt):
+    trainer = Trainer(TrainConfig(**FAST, steps=1, prompt=prompt, ema=0), tmp_path, progress=False)
+    batch = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=2)))
+    loss, parts = trainer._loss(batch)
+    assert loss.requires_grad and math.isfinite(float(loss.detach()))
+    assert len(parts) > 1  # l1 plus the variant's regularisers
+    assert abs(float(loss.detach()) - sum(parts.values())) < 1e-4
+
+
+def test_schedule_and_ema():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-5, warmup=0.1)
+    assert lr_at(0.05, cfg) == pytest.approx(5e-4)
+    assert lr_at(0.1, cfg) == pytest.approx(1e-3)
+    assert lr_at(1.0, cfg) == pytest.approx(1e-5)
+    values = [lr_at(p / 100, cfg) for p in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    d = min(0.9, 2 / 11)
+    assert torch.allclose(ema.shadow["weight"], d * before["weight"] + (1 - d) * model.weight)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="patch"):
+        TrainConfig(patch=20).validate()
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0).validate()
+    with pytest.raises(ValueError, match="ema"):
+        TrainConfig(ema=1.0).validate()
+    with pytest.raises(ValueError, match="warmup"):
+        TrainConfig(warmup=1.5).validate()
+
+
+def test_checkpoint_files_are_validated(tmp_path):
+    ckpt.save_tensors(tmp_path / "x.safetensors", {"a": torch.rand(3)}, {"kind": "model"})
+    with pytest.raises(ckpt.CheckpointError, match="model config"):
+        ckpt.load_model_file(tmp_path / "x.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ckpt.CheckpointError, match="not a valid safetensors"):
+        ckpt.load_tensors(tmp_path / "bad.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ckpt.CheckpointError, match="not a cplfast checkpoint"):
+        ckpt.load_model_file(tmp_path / "foreign.safetensors")
+    with pytest.raises(FileNotFoundError):
+        ckpt.load_model_file(tmp_path / "missing.safetensors")
+    # an atomic write leaves no temporary files behind
+    ckpt.atomic_write_json(tmp_path / "c.json", {"k": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "c.json", "foreign.safetensors", "x.safetensors"]
+
+
+def test_optimizer_state_roundtrip():
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.rand(2, 4)).sum().backward()
+    opt.step()
+    tensors, meta = ckpt.flatten_optimizer_state(opt.state_dict())
+    restored = ckpt.unflatten_optimizer_state(tensors, json.loads(json.dumps(meta)))
+    opt2 = torch.optim.AdamW(torch.nn.Linear(4, 3).parameters(), lr=1e-2)
+    opt2.load_state_dict(restored)
+    for s1, s2 in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
+        for key in s1:
+            assert torch.equal(s1[key], s2[key])
