@@ -13,8 +13,10 @@ mean-PSNR score. ``zero_init_output`` zeroes the last convolution so the network
 identity (PromptIR adds its input to the output).
 
 AdamW; learning rate ``lr · min(p / warmup, 1)`` during warm-up, then a cosine from ``lr`` to
-``min_lr`` over the rest, where the progress ``p`` is ``step / steps`` — or, with a ``time_budget``,
-``max(step / steps, elapsed / time_budget)`` so a run ends on time with a finished schedule.
+``min_lr`` over the rest, where the progress ``p`` is ``step / steps`` — or, with a ``time_budget``
+(seconds), ``max(step / steps, min(elapsed / time_budget, step / min_steps), elapsed / time_limit)``:
+the run ends on time with a finished schedule, but on a slow (e.g. shared) machine goes on past the
+budget until it has made ``min_steps`` steps, never longer than ``time_limit``.
 bf16 autocast on CUDA; gradient-norm clipping; an exponential moving average (EMA) of the weights
 with warm-up ``decay_n = min(decay, (1 + n) / (10 + n))``; a tqdm bar with the loss and it/s.
 
@@ -32,7 +34,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +44,6 @@ from . import checkpoint as ckpt
 from .data import TASKS, embedded_train_dataset, folder_dataset
 
 TRAIN_STATE_KIND = "train_state"
-PSNR_LOSS_WEIGHT = 0.03  # weight of the PSNR term in pixel_loss="l1+psnr"
 
 
 @dataclass
@@ -74,6 +75,8 @@ class TrainConfig:
     workers: int = 0
     save_every: int = 500  # steps; 0 saves only at the end
     time_budget: float | None = None  # seconds of training; None: run all steps
+    min_steps: int = 0  # with time_budget: keep going past the budget until this many steps ...
+    time_limit: float | None = None  # ... but never past this many seconds (default: the budget)
     deterministic: bool = False
     pixel_loss: str = "l1"  # "l1" (PromptIR / CPL) or "psnr": mean over images of 10 log10(MSE)
     zero_init_output: bool = False  # start as the identity (output conv zeroed; PromptIR adds the input)
@@ -103,12 +106,15 @@ class TrainConfig:
             raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time_budget must be > 0 seconds or None, got {self.time_budget!r}")
+        positive_int("min_steps", self.min_steps, 0)
+        if self.time_limit is not None and not (self.time_budget and self.time_limit >= self.time_budget):
+            raise ValueError(f"time_limit needs a time_budget and must be >= it, got {self.time_limit!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if not self.tasks:
             raise ValueError("tasks must not be empty")
-        if self.pixel_loss not in ("l1", "psnr", "l1+psnr"):
-            raise ValueError(f"pixel_loss must be 'l1', 'psnr' or 'l1+psnr', got {self.pixel_loss!r}")
+        if self.pixel_loss not in ("l1", "psnr"):
+            raise ValueError(f"pixel_loss must be 'l1' or 'psnr', got {self.pixel_loss!r}")
         return self
 
     def to_json(self) -> dict[str, Any]:
@@ -209,6 +215,17 @@ def lr_at(progress: float, config: TrainConfig) -> float:
         return config.lr * max(progress / config.warmup, 1e-3)
     rest = (progress - config.warmup) / max(1e-12, 1 - config.warmup)
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * rest))
+
+
+def schedule_progress(step: int, elapsed: float, config: TrainConfig) -> float:
+    """Schedule progress in [0, ∞) after ``step`` steps and ``elapsed`` seconds (module docstring)."""
+    p = step / config.steps
+    if config.time_budget:
+        by_time = elapsed / config.time_budget
+        if config.min_steps:
+            by_time = min(by_time, step / config.min_steps)
+        p = max(p, by_time, elapsed / (config.time_limit or config.time_budget))
+    return p
 
 
 class _IndexRange(torch.utils.data.Sampler):
@@ -368,10 +385,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def _progress(self, step: int, elapsed: float) -> float:
-        p = step / self.config.steps
-        if self.config.time_budget:
-            p = max(p, elapsed / self.config.time_budget)
-        return p
+        return schedule_progress(step, elapsed, self.config)
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         x = batch["input"].to(self.device, non_blocking=True)
@@ -381,13 +395,11 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             out, aux = self.model(x, labels=labels, num_negatives=k, return_aux=True)
         out = out.float()
-        pixel = out.new_zeros(())
-        if "l1" in self.config.pixel_loss:
-            pixel = pixel + (out - y).abs().mean()
-        if "psnr" in self.config.pixel_loss:  # each image's gradient scaled by its own error, as PSNR weighs them
+        if self.config.pixel_loss == "l1":
+            pixel = (out - y).abs().mean()
+        else:  # per-image PSNR loss: each image's gradient is scaled by its own error, as PSNR weighs them
             mse = (out - y).pow(2).flatten(1).mean(1)
-            weight = 1.0 if self.config.pixel_loss == "psnr" else PSNR_LOSS_WEIGHT
-            pixel = pixel + weight * (10 / math.log(10)) * torch.log(mse + 1e-8).mean()
+            pixel = (10 / math.log(10)) * torch.log(mse + 1e-8).mean()
         parts = {self.config.pixel_loss: float(pixel.detach())}
         loss = pixel
         if k:
@@ -495,4 +507,4 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
 
 
 __all__ = ["EMA", "cpu_threads", "TrainConfig", "TrainResult", "Trainer", "build_model", "inference_model", "lr_at", "model_spec",
-           "resolve_device", "train"]
+           "resolve_device", "schedule_progress", "train"]

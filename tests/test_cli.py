@@ -13,6 +13,16 @@ from cplfast.cli import main
 from cplfast.data import degrade, load_image, save_image
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """Commands and deterministic runs change process-wide torch settings; put them back."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
 def _run(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -31,8 +41,12 @@ def _one_error_line(code, err):
 def run_dir(tmp_path_factory):
     """A checkpoint trained for two steps by ``cplfast train`` (shared by the tests below)."""
     out = tmp_path_factory.mktemp("run")
-    code = main(["train", "--steps", "2", "--batch", "2", "--patch", "16", "--tasks", "noise,haze", "--negatives", "1",
-                 "--out", str(out), "--quiet", "--threads", "1"])
+    threads = torch.get_num_threads()
+    try:
+        code = main(["train", "--steps", "2", "--batch", "2", "--patch", "16", "--tasks", "noise,haze", "--negatives",
+                     "1", "--out", str(out), "--quiet", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0
     return out
 

@@ -100,9 +100,9 @@ def test_depth_proxy_ramp_and_scene_scale():
     rows = torch.arange(40, dtype=torch.float32)
     expected = 2.0 + 10.0 * (0.7 * (top - rows / height).clamp(0, 1) + 0.3 * lum)
     assert torch.allclose(d[0, :, 3], expected, atol=1e-5)
-    whole = depth_proxy(flat)  # default: the ramp spans the frame, far at the top
-    assert float(whole[0, 0, 0]) == pytest.approx(2 + 10 * (0.7 + 0.3 * lum), abs=1e-5)
-    assert float(whole[0, -1, 0]) == pytest.approx(2 + 10 * 0.3 * lum, abs=1e-5)
+    whole = depth_proxy(flat, near=1.0, far=6.0)  # default: the ramp spans the frame, far at the top
+    assert float(whole[0, 0, 0]) == pytest.approx(1 + 5 * (0.7 + 0.3 * lum), abs=1e-5)
+    assert float(whole[0, -1, 0]) == pytest.approx(1 + 5 * 0.3 * lum, abs=1e-5)
 
 
 def test_blur_preserves_constants_and_mean():

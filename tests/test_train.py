@@ -7,7 +7,17 @@ import pytest
 import torch
 
 from cplfast import checkpoint as ckpt
-from cplfast.train import EMA, TrainConfig, Trainer, inference_model, lr_at
+from cplfast.train import EMA, TrainConfig, Trainer, inference_model, lr_at, schedule_progress
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """Commands and deterministic runs change process-wide torch settings; put them back."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
 
 # Tiny runs: 16x16 patches, batch 2, a few steps.
 FAST = dict(preset="tiny", patch=16, batch=2, save_every=0, lr=1e-3, tasks=("noise", "haze"))
@@ -80,6 +90,20 @@ def test_schedule_and_ema():
     ema.update(model)
     d = min(0.9, 2 / 11)
     assert torch.allclose(ema.shadow["weight"], d * before["weight"] + (1 - d) * model.weight)
+
+
+def test_time_budget_progress():
+    plain = TrainConfig(steps=100)
+    assert schedule_progress(50, 1e6, plain) == 0.5  # no budget: steps only
+    cfg = TrainConfig(steps=1000, time_budget=10.0, min_steps=40, time_limit=15.0)
+    assert schedule_progress(100, 5.0, cfg) == pytest.approx(0.5)  # fast machine: time decides
+    assert schedule_progress(20, 6.0, cfg) == pytest.approx(0.5)  # slow: steps short of min_steps hold it back
+    assert schedule_progress(20, 12.0, cfg) == pytest.approx(0.8)  # past the budget, the limit takes over
+    assert schedule_progress(40, 12.0, cfg) == pytest.approx(1.0)
+    assert schedule_progress(30, 15.0, cfg) == pytest.approx(1.0)  # but never past the limit
+    assert schedule_progress(1000, 1.0, cfg) == 1.0
+    with pytest.raises(ValueError, match="time_limit"):
+        TrainConfig(time_budget=10.0, time_limit=5.0).validate()
 
 
 def test_config_validation():

@@ -5,28 +5,33 @@ training photographs degraded by noise, rain, haze, blur and low light; evaluate
 of other photographs; prints a per-task PSNR/SSIM table of the degraded input and the restored
 output; writes into ``--out``: ``report.json``, ``results.md`` / ``results.csv``, ``grid.png``
 (degraded | restored | clean per task), ``routing.png`` (which prompt each degradation selects) and
-the run folder ``run/`` with the checkpoint. On a CPU the training stops after ``--time-budget``
-seconds with a completed learning-rate schedule; on CUDA it runs all ``--steps``.
+the run folder ``run/`` with the checkpoint.
+
+Training ends with a completed learning-rate schedule after ``--steps`` or ``--time-budget``
+seconds, whichever comes first; on a busy CPU it may go on to 1.5× the budget to make at least 300
+steps. The recipe (patch 32, batch 8, peak lr 3e-3, one CPR negative, EMA, the output convolution
+zero-initialised so training starts from the identity) was chosen so a 2-core CPU finishes in about
+3 minutes with a mean PSNR gain well above 2 dB.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from ._common import add_device_arguments, positive_int, setup_device
 
-# Chosen so the 2-core CPU run finishes well inside 6 minutes and gains > 2 dB on average.
-CPU_SETTINGS = dict(patch=32, batch=8, lr=3e-3, steps=2000, time_budget=180.0)
-CUDA_SETTINGS = dict(patch=64, batch=16, lr=2e-3, steps=2000, time_budget=240.0)
+# On a busy CPU the training goes past the budget up to min_steps, but never past time_limit.
+CPU_SETTINGS = dict(patch=32, batch=8, lr=3e-3, steps=2000, time_budget=180.0, min_steps=300, time_limit=1.5 * 180.0)
+CUDA_SETTINGS = dict(patch=64, batch=16, lr=2e-3, steps=2000, time_budget=240.0, min_steps=0, time_limit=None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help=f"training seconds (default: {CPU_SETTINGS['time_budget']:.0f} on CPU, none on CUDA)")
+                        help=f"training seconds (default: {CPU_SETTINGS['time_budget']:.0f} on CPU, "
+                             f"{CUDA_SETTINGS['time_budget']:.0f} on CUDA)")
     parser.add_argument("--steps", type=positive_int, default=None, help="maximum training steps (default: 2000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -49,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.time_budget > 0:
             raise ValueError(f"--time-budget must be > 0 seconds, got {args.time_budget}")
         settings["time_budget"] = args.time_budget
+        settings["time_limit"] = 1.5 * args.time_budget if settings["min_steps"] else None
     if args.steps is not None:
         settings["steps"] = args.steps
     out = Path(args.out)
@@ -56,10 +62,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out must be a folder, got a file: {out}")
     config = TrainConfig(
         preset="tiny", prompt="cpl", tasks=TASKS, num_negatives=1, cpr_weight=0.05, warmup=0.03, min_lr=1e-5,
-        ema=0.995, grad_clip=1.0, save_every=0, zero_init_output=True, pixel_loss="psnr", seed=args.seed, device=str(device), **settings,
+        ema=0.995, grad_clip=1.0, save_every=0, zero_init_output=True, seed=args.seed, device=str(device), **settings,
     )
-    where = f"{device}" + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
-    budget = f", at most {config.time_budget:.0f} s" if config.time_budget else ""
+    threads = torch.get_num_threads()
+    where = f"{device}" + (f", {threads} thread{'s' if threads > 1 else ''}" if device.type == "cpu" else "")
+    budget = f", about {config.time_budget:.0f} s" if config.time_budget else ""
     print(f"cplfast demo: training the tiny CPL model on {', '.join(TASKS)} ({where}; batch {config.batch}, "
           f"patch {config.patch}, up to {config.steps} steps{budget})", flush=True)
     trainer = Trainer(config, out / "run", progress=not args.quiet)
@@ -80,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"mean PSNR {mean.psnr_in:.2f} -> {mean.psnr_out:.2f} dB ({mean.psnr_gain:+.2f} dB)")
 
     report = {"tasks": scores.to_json(), "checkpoint": str(result.model_path.resolve())}
-    atomic_write_json(out / "report.json", report)
+    atomic_write_json(out / "report.json", report, sort_keys=False)
     write_tables(scores, out)
     captions = {r.task: f"PSNR {r.psnr_in:.1f} -> {r.psnr_out:.1f}\nSSIM {r.ssim_in:.3f} -> {r.ssim_out:.3f}" for r in scores.rows}
     before_after_grid(scores.examples, out / "grid.png", captions=captions)

@@ -373,7 +373,8 @@ def folder_dataset(
     root: str | os.PathLike, *, patch: int | None = None, seed: int = 0, augment: bool = True, tasks: Sequence[str] | None = None,
 ) -> Dataset:
     """Open a data folder whatever its layout: a pair layout (``input/``+``target/`` …), a PromptIR /
-    AirNet tree, or a folder of clean images (degraded on the fly by ``tasks``, default all five)."""
+    AirNet tree (every task folder in it), or a folder of clean images (degraded on the fly by
+    ``tasks``, default all five)."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"no such folder: {root}")
@@ -383,7 +384,7 @@ def folder_dataset(
         task = TASK_FOLDERS.get(_norm(root.name), root.name)
         return PairedFolderDataset(root, task=task, patch=patch, seed=seed, augment=augment)
     try:
-        return promptir_dataset(root, patch=patch, seed=seed, augment=augment, tasks=tasks)
+        return promptir_dataset(root, patch=patch, seed=seed, augment=augment)
     except ValueError:
         pass
     clean = list_images(root)

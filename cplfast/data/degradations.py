@@ -12,7 +12,7 @@ Models (x = clean image, all values in [0,1]):
 - ``rain_streaks``: sparse random seeds smeared along a line of length L at angle θ from vertical,
   ``y = clip(x + a · S, 0, 1)`` with S the streak layer (same on every channel).
 - ``haze``: the atmospheric scattering model ``y = x · t + A (1 − t)``, ``t = exp(−β d)``, with
-  A in [0.8, 1.0], β in [0.04, 0.2] and d in [2, 12] from :func:`depth_proxy` (the image is taken as
+  A in [0.8, 1.0], β in [0.04, 0.2] and d in [1, 6] from :func:`depth_proxy` (the image is taken as
   a crop of a 512-pixel-high scene at a random height, so small crops get slowly varying haze).
 - ``motion_blur`` / ``defocus_blur``: convolution with an anti-aliased line / disk kernel
   (reflect padding).
@@ -221,7 +221,7 @@ def rain_streaks(
 
 
 def depth_proxy(
-    image: torch.Tensor, near: float = 2.0, far: float = 12.0, *, top: float = 1.0, scene_height: float | None = None
+    image: torch.Tensor, near: float = 1.0, far: float = 6.0, *, top: float = 1.0, scene_height: float | None = None
 ) -> torch.Tensor:
     """A scene-depth stand-in ``(B,1,H,W)`` (or ``(1,H,W)``) in ``[near, far]``.
 
