@@ -7,48 +7,34 @@ it costs no device sync and traces cleanly under ``torch.compile``. The backend 
 
 from __future__ import annotations
 
-import importlib
-import sys
-from types import ModuleType
 from typing import Sequence
 
 import torch
 
 from . import _validation as check
 from . import reference
+from .ops import channel_attention as _channel_attention_ops
+from .ops import infonce as _infonce_ops
+from .ops import sparse_prompt as _sparse_prompt_ops
+from .ops import supcon as _supcon_ops
+from .ops import token_attention as _token_attention_ops
 from ._backend import resolve
 
-# op name -> module in cplfast.ops holding its autograd function / custom op over the Triton kernels.
-_KERNEL_MODULES = {
-    "sparse_prompt": "cplfast.ops.sparse_prompt",
-    "topm_channel_attention": "cplfast.ops.channel_attention",
-    "prompt_token_attention": "cplfast.ops.token_attention",
-    "infonce": "cplfast.ops.infonce",
-    "supcon": "cplfast.ops.supcon",
+# The custom ops over the Triton kernels, per op (importing them registers the ops; Triton itself
+# is imported on the first kernel call). Imported here, not per call, so torch.compile traces the
+# dispatch without a graph break.
+_KERNELS = {
+    "sparse_prompt": _sparse_prompt_ops.sparse_prompt,
+    "topm_channel_attention": _channel_attention_ops.topm_channel_attention,
+    "prompt_token_attention": _token_attention_ops.prompt_token_attention,
+    "infonce": _infonce_ops.infonce,
+    "supcon": _supcon_ops.supcon,
 }
 
 
-def _kernel_module(op: str) -> ModuleType | None:
-    """The op's kernel module (imported on first use; ``sys.modules`` first so that
-    ``torch.compile`` traces the lookup without a graph break), or None if it does not exist."""
-    name = _KERNEL_MODULES[op]
-    module = sys.modules.get(name)
-    if module is not None:
-        return module
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name == name:
-            return None
-        raise
-
-
 def _impl(op: str, *tensors: torch.Tensor | None):
-    if resolve(op, *tensors) == "triton":
-        module = _kernel_module(op)
-        if module is not None:
-            return getattr(module, op)
-    return getattr(reference, op)
+    """The Triton implementation of ``op`` or its reference, as the backend in force picks."""
+    return _KERNELS[op] if resolve(op, *tensors) == "triton" else getattr(reference, op)
 
 
 def _autocast(lowp: bool, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -257,11 +243,6 @@ def prototype_assignment(e: torch.Tensor, prototypes: torch.Tensor, *, temperatu
     temperature = check.positive_scalar("temperature", temperature)
     return reference.prototype_assignment(e, prototypes, temperature=temperature)
 
-
-# Register the custom ops now (cheap: Triton itself is imported on the first kernel call), so the
-# first call under torch.compile finds its module in sys.modules and traces without a graph break.
-for _name in _KERNEL_MODULES.values():
-    importlib.import_module(_name)
 
 __all__ = [
     "infonce",

@@ -7,10 +7,8 @@ positive logit alone minus itself) with a graph and zero gradients.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +18,9 @@ from hypothesis import strategies as st
 
 import cplfast
 from cplfast import functional, reference
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _sm90 import build_for_sm90  # noqa: E402
 from cplfast.kernels import infonce as kernels
 from cplfast.ops import infonce as ops
 
@@ -383,42 +384,6 @@ def test_cuda_peak_memory_quarter_of_eager():
 
 # ----------------------------------------------------------------------------------------------------
 # sm_90 builds without a GPU: the compiled path the interpreter cannot check (globals, types, resources)
-
-SM90_PRELUDE = """
-import types, torch, triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-
-def build(fn, arg_types, constexprs, num_warps, ones=()):
-    sig, consts = {}, {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name], consts[name] = "constexpr", constexprs[name]
-        elif name in ones:  # integer arguments equal to 1 are specialised by the launcher
-            sig[name], consts[name] = "constexpr", 1
-        else:
-            sig[name] = arg_types.get(name, "i32")
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps})
-    assert kernel.asm.get("cubin"), "no cubin"
-    assert kernel.metadata.shared <= 227 * 1024, f"{fn.__name__} needs {kernel.metadata.shared} B of shared memory"
-
-class FakeCuda:  # the metadata the launchers read to pick tile sizes
-    def __init__(self, shape, stride, dtype=torch.float32):
-        self.shape, self._stride, self.dtype = shape, stride, dtype
-        self.device = types.SimpleNamespace(type="cuda")
-    def stride(self, d):
-        return self._stride[d]
-"""
-
-
-def build_for_sm90(body: str) -> None:
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = SM90_PRELUDE + textwrap.dedent(body)
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
 
 @pytest.mark.slow
 def test_kernels_build_for_sm90():

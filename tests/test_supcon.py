@@ -5,10 +5,8 @@ kernels (interpreter on CPU, compiled on CUDA) against the reference in float64.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +17,9 @@ from hypothesis import strategies as st
 import cplfast
 import cplfast.distributed
 from cplfast import functional, reference
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _sm90 import build_for_sm90  # noqa: E402
 from cplfast.kernels import supcon as kernels
 from cplfast.ops import supcon as ops
 from cplfast.reference.supcon import supcon_rows
@@ -440,47 +441,13 @@ def test_cuda_runs_at_131k_rows_in_linear_memory():
 # ----------------------------------------------------------------------------------------------------
 # sm_90 builds without a GPU: the compiled path the interpreter cannot check (globals, types, resources)
 
-SM90_PRELUDE = """
-import types, torch, triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-
-def build(fn, arg_types, constexprs, num_warps, ones=()):
-    sig, consts = {}, {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name], consts[name] = "constexpr", constexprs[name]
-        elif name in ones:  # integer arguments equal to 1 are specialised by the launcher
-            sig[name], consts[name] = "constexpr", 1
-        else:
-            sig[name] = arg_types.get(name, "i32")
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps})
-    assert kernel.asm.get("cubin"), "no cubin"
-    assert kernel.metadata.shared <= 227 * 1024, f"{fn.__name__} needs {kernel.metadata.shared} B of shared memory"
-
-class FakeCuda:  # the metadata the launchers read to pick tile sizes
-    def __init__(self, shape, dtype):
-        self.shape, self.dtype = shape, dtype
-        self.device = types.SimpleNamespace(type="cuda")
-"""
-
-
-def build_for_sm90(body: str) -> None:
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = SM90_PRELUDE + textwrap.dedent(body)
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 @pytest.mark.slow
 def test_kernels_build_for_sm90():
     build_for_sm90("""
         from cplfast.kernels import supcon as k
         for dt, dtype, d, labels in (("fp32", torch.float32, 256, "*i64"), ("bf16", torch.bfloat16, 300, "*i32"),
                                      ("fp16", torch.float16, 12, "*u8")):
-            x = FakeCuda((1000, d), dtype)
+            x = FakeCuda((1000, d), dtype=dtype)
             cfg = k._config(x)
             warps = cfg.pop("num_warps")
             p = "*" + dt

@@ -86,7 +86,6 @@ def free_memory(device: torch.device) -> None:
 
 def cplfast_impl(op_name: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """Which implementation the cplfast provider runs on this device: ``triton`` or ``reference``."""
-    from .. import functional
     from .._backend import resolve, use_backend
 
     probe = torch.empty(1, device=device, dtype=dtype)
@@ -95,8 +94,6 @@ def cplfast_impl(op_name: str, backend: str, device: torch.device, dtype: torch.
             chosen = resolve(op_name, probe)
     except (RuntimeError, TypeError) as err:
         return f"error ({describe_error(err)})"
-    if chosen == "triton" and functional._kernel_module(op_name) is None:
-        return "reference (no Triton kernel module yet)"
     return chosen
 
 

@@ -18,14 +18,12 @@ from typing import Sequence
 import torch
 
 from ..reference.channel_attention import topm_counts
+from ._lazy import LazyModule
 
 _Tensors5 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _launchers():
-    from cplfast.kernels import channel_attention  # imports triton: deferred to the first real call
-
-    return channel_attention
+_kernels = LazyModule("cplfast.kernels.channel_attention")
 
 
 @torch.library.custom_op("cplfast::topm_channel_attention_fwd", mutates_args=())
@@ -37,7 +35,7 @@ def topm_channel_attention_fwd(
     mix: torch.Tensor | None,
     counts: Sequence[int],
 ) -> _Tensors5:
-    return _launchers().channel_attention_forward(q, k, v, temperature, mix, counts)
+    return _kernels.channel_attention_forward(q, k, v, temperature, mix, counts)
 
 
 @topm_channel_attention_fwd.register_fake
@@ -67,7 +65,7 @@ def topm_channel_attention_bwd(
     probs: torch.Tensor,
     counts: Sequence[int],
 ) -> _Tensors5:
-    return _launchers().channel_attention_backward(
+    return _kernels.channel_attention_backward(
         grad_out, q, k, v, temperature, mix, gram, qnorm, knorm, probs, counts
     )
 

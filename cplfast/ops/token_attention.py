@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from ._lazy import LazyModule
 
-def _launchers():
-    from cplfast.kernels import token_attention  # imports triton: deferred to the first real call
-
-    return token_attention
+_kernels = LazyModule("cplfast.kernels.token_attention")
 
 
 @torch.library.custom_op("cplfast::prompt_token_attention_fwd", mutates_args=())
 def prompt_token_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    return _launchers().token_attention_forward(q, k, v, scale)
+    return _kernels.token_attention_forward(q, k, v, scale)
 
 
 @prompt_token_attention_fwd.register_fake
@@ -31,7 +29,7 @@ def _(q, k, v, scale):
 def prompt_token_attention_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launchers().token_attention_backward(grad_out, q, k, v, scale)
+    return _kernels.token_attention_backward(grad_out, q, k, v, scale)
 
 
 @prompt_token_attention_bwd.register_fake
