@@ -20,21 +20,22 @@ from .ops import supcon as _supcon_ops
 from .ops import token_attention as _token_attention_ops
 from ._backend import resolve
 
-# The custom ops over the Triton kernels, per op (importing them registers the ops; Triton itself
-# is imported on the first kernel call). Imported here, not per call, so torch.compile traces the
-# dispatch without a graph break.
-_KERNELS = {
-    "sparse_prompt": _sparse_prompt_ops.sparse_prompt,
-    "topm_channel_attention": _channel_attention_ops.topm_channel_attention,
-    "prompt_token_attention": _token_attention_ops.prompt_token_attention,
-    "infonce": _infonce_ops.infonce,
-    "supcon": _supcon_ops.supcon,
+# The modules holding the custom ops over the Triton kernels (importing them registers the ops;
+# Triton itself is imported on the first kernel call). Imported here, not per call, so torch.compile
+# traces the dispatch without a graph break; the op is looked up on its module at call time.
+_KERNEL_MODULES = {
+    "sparse_prompt": _sparse_prompt_ops,
+    "topm_channel_attention": _channel_attention_ops,
+    "prompt_token_attention": _token_attention_ops,
+    "infonce": _infonce_ops,
+    "supcon": _supcon_ops,
 }
 
 
 def _impl(op: str, *tensors: torch.Tensor | None):
     """The Triton implementation of ``op`` or its reference, as the backend in force picks."""
-    return _KERNELS[op] if resolve(op, *tensors) == "triton" else getattr(reference, op)
+    module = _KERNEL_MODULES[op] if resolve(op, *tensors) == "triton" else reference
+    return getattr(module, op)
 
 
 def _autocast(lowp: bool, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
