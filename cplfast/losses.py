@@ -6,10 +6,12 @@ import os
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import _validation as check
 from . import functional
+from .distributed import gather_rows
 from .features import FilterBankPyramid, VGG16Features
 
 FeatureExtractor = Callable[[torch.Tensor], Sequence[torch.Tensor]]
@@ -33,6 +35,20 @@ class ContrastivePromptLoss(nn.Module):
       network's encoder). It is used as given: freeze its parameters yourself.
 
     Gradients reach the output and, unless ``detach_negatives=True``, the negatives.
+
+    ``batch_negatives=True`` also contrasts every anchor with the other images' restored outputs at the
+    same location. With ``a_b, p_b, n_kb`` the features of image ``b`` at one location, L2-normalised
+    along C (eps 1e-12), ``s_p = a_b.p_b / tau``, ``s_k = a_b.n_kb / tau`` and keys ``a_g`` of every
+    image ``g`` of the batch::
+
+        loss_b = logsumexp(s_p, s_1..s_K, {a_b.a_g / tau : g != b}) - s_p      (mean over b and locations)
+
+    ``gather=True`` (only with ``batch_negatives=True``) makes the keys the global batch under
+    ``torch.distributed``: every rank's outputs, gradients flowing back to their owners (summed over
+    ranks, so each rank's gradient is that of the sum of all ranks' losses). Ranks may hold different
+    batch sizes but must agree on the feature shapes; every rank must call the loss and run backward.
+    Outside an initialised process group ``gather`` changes nothing. With a single image in all (B = 1,
+    no other rank) there is no cross term and the loss equals the plain one.
     """
 
     def __init__(
@@ -44,6 +60,8 @@ class ContrastivePromptLoss(nn.Module):
         level_weights: Sequence[float] | None = None,
         detach_negatives: bool = False,
         vgg_weights: str | os.PathLike | None = None,
+        batch_negatives: bool = False,
+        gather: bool = False,
     ):
         super().__init__()
         self.temperature = check.positive_scalar("temperature", temperature)
@@ -64,6 +82,13 @@ class ContrastivePromptLoss(nn.Module):
                 raise ValueError(f"level_weights must be a non-empty sequence of numbers >= 0, got {level_weights!r}")
         self.level_weights = level_weights
         self.detach_negatives = bool(detach_negatives)
+        for name, flag in (("batch_negatives", batch_negatives), ("gather", gather)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        if gather and not batch_negatives:
+            raise ValueError("gather=True needs batch_negatives=True: the gathered outputs are the batch negatives")
+        self.batch_negatives = batch_negatives
+        self.gather = gather
 
     def _levels(self, images: torch.Tensor) -> list[torch.Tensor]:
         levels = list(self.features(images))
@@ -94,13 +119,36 @@ class ContrastivePromptLoss(nn.Module):
         total = output.new_zeros(())
         for level, (query, positive) in enumerate(zip(queries, positives)):
             query = query.unflatten(0, (k + 1, b))
-            term = functional.infonce(query[0], positive.to(query.dtype), query[1:],
-                                      temperature=self.temperature, dim=1)
+            term = self._level_loss(query[0], positive.to(query.dtype), query[1:])
             total = total + (term if self.level_weights is None else self.level_weights[level] * term)
         return self.weight * total
 
+    def _level_loss(self, anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """One level's term, mean over locations: anchor, positive ``(B, C, H, W)``, negatives ``(K, B, C, H, W)``."""
+        if not self.batch_negatives:
+            return functional.infonce(anchor, positive, negatives, temperature=self.temperature, dim=1)
+        # The fused kernel gives logsumexp(s_p, s_k) - s_p; the batch keys are merged into its log-sum-exp.
+        own = functional.infonce(anchor, positive, negatives, temperature=self.temperature, dim=1, reduction="none")
+        dtype = torch.promote_types(own.dtype, torch.float32)
+        with torch.autocast(anchor.device.type, enabled=False):
+            a = F.normalize(anchor.to(dtype), dim=1, eps=1e-12)
+            keys, offset = gather_rows(a) if self.gather else (a, 0)  # (G, C, H, W)
+            own = own.to(dtype)
+            if keys.shape[0] == 1:  # no other image anywhere: nothing to add
+                return own.mean()
+            p = F.normalize(positive.to(dtype), dim=1, eps=1e-12)
+            s_pos = (a * p).sum(1) / self.temperature  # (B, H, W)
+            cross = torch.einsum("bchw,gchw->bghw", a, keys) / self.temperature  # (B, G, H, W)
+            b = a.shape[0]
+            itself = torch.zeros(b, keys.shape[0], dtype=torch.bool, device=a.device)
+            itself[torch.arange(b, device=a.device), torch.arange(b, device=a.device) + offset] = True
+            cross = cross.masked_fill(itself[:, :, None, None], float("-inf"))
+            loss = torch.logaddexp(own + s_pos, torch.logsumexp(cross, dim=1)) - s_pos
+        return loss.mean()
+
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, weight={self.weight}, detach_negatives={self.detach_negatives}"
+        return (f"temperature={self.temperature}, weight={self.weight}, detach_negatives={self.detach_negatives}, "
+                f"batch_negatives={self.batch_negatives}, gather={self.gather}")
 
 
 class SupConLoss(nn.Module):

@@ -24,24 +24,39 @@ Reproducibility: batch ``s`` holds dataset items ``s·B … s·B+B−1`` (the da
 :mod:`cplfast.data.datasets`), and the training state file stores the raw weights, AdamW moments,
 EMA, schedule position and torch RNG states, so ``resume`` continues bit for bit (CPU, fixed thread
 count, no time budget) — the same weights as an uninterrupted run.
+
+Distributed (``torchrun``; the process group is set up by :func:`init_distributed`): the model is
+wrapped in ``DistributedDataParallel`` (no ``find_unused_parameters``: every trainable parameter is
+used in every step). ``batch`` is the *global* batch of one optimizer step: each of the ``W`` ranks runs
+``grad_accum`` micro-batches of ``batch / (W · grad_accum)`` images, and step ``s`` still consumes
+items ``s·B … s·B+B−1`` (a ``DistributedSampler`` over that window hands rank ``r`` every W-th item),
+so a run gives the same weights on any number of GPUs and accumulation steps, up to float rounding.
+Rank 0 writes checkpoints and the progress bar; resume reads the state on rank 0 and broadcasts it
+(the run folder need not be visible from other nodes); every rank's RNG state is saved and restored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from . import checkpoint as ckpt
 from .data import TASKS, embedded_train_dataset, folder_dataset
+from .data.degradations import derive_seed
+from .distributed import world
 
 TRAIN_STATE_KIND = "train_state"
 
@@ -57,7 +72,8 @@ class TrainConfig:
     data: str | None = None  # None: the embedded scikit-image photographs
     tasks: tuple[str, ...] = TASKS
     steps: int = 1000
-    batch: int = 8
+    batch: int = 8  # global: images per optimizer step over all ranks and accumulation micro-batches
+    grad_accum: int = 1  # micro-batches per optimizer step on each rank
     patch: int = 64
     lr: float = 2e-4
     min_lr: float = 1e-6
@@ -69,6 +85,7 @@ class TrainConfig:
     num_negatives: int = 2  # CPR negatives per image (cpl); 0 disables CPR
     cpr_weight: float = 0.1
     cpr_temperature: float = 0.1
+    cpr_batch_negatives: bool = False  # the other images of the (global) batch are CPR negatives too
     amp: bool = True  # bf16 autocast, CUDA only
     seed: int = 0
     device: str = "auto"
@@ -88,6 +105,9 @@ class TrainConfig:
 
         positive_int("steps", self.steps)
         positive_int("batch", self.batch)
+        positive_int("grad_accum", self.grad_accum)
+        if self.batch % self.grad_accum:
+            raise ValueError(f"batch ({self.batch}) must be a multiple of grad_accum ({self.grad_accum})")
         positive_int("patch", self.patch, 8)
         if self.patch % 8:
             raise ValueError(f"patch must be a multiple of 8 (the U-net downsamples 3 times), got {self.patch}")
@@ -113,6 +133,8 @@ class TrainConfig:
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if not self.tasks:
             raise ValueError("tasks must not be empty")
+        if not isinstance(self.cpr_batch_negatives, bool):
+            raise TypeError(f"cpr_batch_negatives must be a bool, got {self.cpr_batch_negatives!r}")
         if self.pixel_loss not in ("l1", "psnr"):
             raise ValueError(f"pixel_loss must be 'l1' or 'psnr', got {self.pixel_loss!r}")
         return self
@@ -155,12 +177,35 @@ def cpu_threads() -> int:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` is CUDA when available; under ``torchrun`` a bare ``cuda`` is this process's local GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> bool:
+    """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment).
+
+    NCCL when this process trains on CUDA, gloo on CPU. Returns whether a process group is up; a
+    no-op outside ``torchrun`` or when one is already initialised.
+    """
+    import datetime
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return dist.is_available() and dist.is_initialized()
+    if dist.is_initialized():
+        return True
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return True
 
 
 def model_spec(config: TrainConfig, num_tasks: int) -> dict[str, Any]:
@@ -228,19 +273,6 @@ def schedule_progress(step: int, elapsed: float, config: TrainConfig) -> float:
     return p
 
 
-class _IndexRange(torch.utils.data.Sampler):
-    """Dataset indices ``start … stop−1`` in order (items are pure functions of their index)."""
-
-    def __init__(self, start: int, stop: int):
-        self.start, self.stop = start, stop
-
-    def __iter__(self):
-        return iter(range(self.start, self.stop))
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
 def make_train_dataset(config: TrainConfig) -> Dataset:
     if config.data is None:
         return embedded_train_dataset(config.tasks, patch=config.patch, seed=config.seed)
@@ -257,6 +289,19 @@ class TrainResult:
     stopped_early: bool
 
 
+def _read_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, meta)`` of a training state file: read on rank 0, broadcast to the other ranks."""
+    rank, world_size = world()
+    payload: list = [None]
+    if rank == 0:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"no training state to resume: {path}")
+        payload = [ckpt.load_tensors(path)]
+    if world_size > 1:
+        dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
 # ------------------------------------------------------------------------------------------ trainer
 class Trainer:
     """Owns the model, optimizer, EMA, data and checkpoints of one run folder ``out_dir``."""
@@ -265,7 +310,13 @@ class Trainer:
                  progress: bool = True):
         self.config = config.validate()
         self.out_dir = Path(out_dir)
-        self.progress = progress
+        self.rank, self.world_size = world()
+        self.is_main = self.rank == 0
+        if config.batch % (self.world_size * config.grad_accum):
+            raise ValueError(f"batch ({config.batch}) must be a multiple of world size x grad_accum "
+                             f"({self.world_size} x {config.grad_accum})")
+        self.micro_batch = config.batch // (self.world_size * config.grad_accum)
+        self.progress = progress and self.is_main
         self.device = resolve_device(config.device)
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -287,9 +338,22 @@ class Trainer:
             limit = min(getattr(self.model, f"prompt{i}").max_negatives() for i in (1, 2, 3))
             if config.num_negatives > limit:
                 raise ValueError(f"num_negatives must be <= {limit} for this model (prompt_len, top_k), got {config.num_negatives}")
-            self.cpr = ContrastivePromptLoss(temperature=config.cpr_temperature, weight=config.cpr_weight).to(self.device)
+            self.cpr = ContrastivePromptLoss(temperature=config.cpr_temperature, weight=config.cpr_weight,
+                                             batch_negatives=config.cpr_batch_negatives,
+                                             gather=config.cpr_batch_negatives).to(self.device)
         else:
             self.cpr = None
+        self.ddp: DistributedDataParallel | None = None
+        if self.world_size > 1:
+            # Depthwise-conv weight grads come back with a different stride on their size-1 dimension;
+            # DDP then copies instead of aliasing that bucket (harmless) and warns on every rank.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            # Same initial weights everywhere (DDP also broadcasts rank 0's); then per-rank randomness.
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=False, gradient_as_bucket_view=True,
+            )
+            torch.manual_seed(derive_seed("train-rank", config.seed, self.rank))
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
         self.ema = EMA(self.model, config.ema) if config.ema > 0 else None
@@ -315,21 +379,24 @@ class Trainer:
         return model.eval()
 
     def save(self, extra_config: dict[str, Any] | None = None) -> Path:
-        """Write the training state, then the model file and config.json (each atomically)."""
+        """Write the training state, then the model file and config.json (each atomically).
+
+        Under DDP every rank calls this (the RNG states are gathered); rank 0 writes.
+        """
+        rng_states = self._rng_states()
+        if not self.is_main:
+            return self.out_dir / ckpt.MODEL_FILE
         tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         if self.ema is not None:
             tensors.update({f"ema.{k}": v for k, v in self.ema.shadow.items()})
         opt_tensors, opt_meta = ckpt.flatten_optimizer_state(self.optimizer.state_dict())
         tensors.update(opt_tensors)
-        tensors["rng.torch"] = torch.get_rng_state()
-        if self.device.type == "cuda":
-            for i, state in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = state
+        tensors.update(rng_states)
         meta = {
             "kind": TRAIN_STATE_KIND, "step": self.step, "elapsed": self.elapsed,
             "last_loss": self.last_loss if math.isfinite(self.last_loss) else None,
             "config": self.config.to_json(), "model": self.spec, "tasks": self.tasks, "optimizer": opt_meta,
-            "ema_updates": self.ema.updates if self.ema is not None else 0,
+            "ema_updates": self.ema.updates if self.ema is not None else 0, "world_size": self.world_size,
         }
         ckpt.save_tensors(self.out_dir / ckpt.STATE_FILE, tensors, meta)
         config = self.model_config()
@@ -337,9 +404,48 @@ class Trainer:
             config.update(extra_config)
         return ckpt.save_model(self.out_dir, self.inference_state_dict(), config)
 
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        """This process's RNG states; under DDP every rank's (a collective: call it on all ranks).
+
+        Keys: ``rng.torch`` (rank 0), ``rng.torch.rank{r}`` (r > 0), ``rng.cuda.{i}`` (every device of a
+        single-process run) or ``rng.cuda.rank{r}`` (the device of rank r).
+        """
+        if self.world_size == 1:
+            states = {"rng.torch": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                states.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+            return states
+        mine = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, mine)
+        states = {}
+        for r, (cpu, cuda) in enumerate(everyone):
+            states["rng.torch" if r == 0 else f"rng.torch.rank{r}"] = cpu
+            if cuda is not None:
+                states[f"rng.cuda.rank{r}"] = cuda
+        return states
+
+    def _set_rng_states(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`_rng_states` saved; a rank the saved run did not have keeps its own seed."""
+        key = "rng.torch" if self.rank == 0 else f"rng.torch.rank{self.rank}"
+        if key in tensors:
+            torch.set_rng_state(tensors[key])
+        if self.device.type != "cuda":
+            return
+        if self.world_size > 1:
+            if f"rng.cuda.rank{self.rank}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng.cuda.rank{self.rank}"], self.device)
+            return
+        states = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda.") and "rank" not in t)]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
     def load_state(self, path: str | os.PathLike) -> None:
-        """Restore everything :meth:`save` wrote (the run's config must match)."""
-        tensors, meta = ckpt.load_tensors(path)
+        """Restore everything :meth:`save` wrote (the run's config must match); a collective under DDP."""
+        tensors, meta = _read_state(path)
+        self._apply_state(tensors, meta, path)
+
+    def _apply_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: str | os.PathLike) -> None:
         if meta.get("kind") != TRAIN_STATE_KIND:
             raise ckpt.CheckpointError(f"{path} is not a cplfast training state")
         if meta.get("model") != self.spec:
@@ -356,31 +462,31 @@ class Trainer:
                     raise ckpt.CheckpointError(f"{path} lacks the EMA weights")
                 self.ema.shadow[k] = tensors[f"ema.{k}"].to(self.device, torch.float32).clone()
             self.ema.updates = int(meta.get("ema_updates", 0))
-        torch.set_rng_state(tensors["rng.torch"])
-        if self.device.type == "cuda":
-            states = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
-            if len(states) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(states)
+        self._set_rng_states(tensors)
         self.step = int(meta["step"])
         self.elapsed = float(meta.get("elapsed", 0.0))
         self.last_loss = float(meta.get("last_loss") if meta.get("last_loss") is not None else "nan")
 
     @classmethod
     def resume(cls, path: str | os.PathLike, *, out_dir: str | os.PathLike | None = None, steps: int | None = None,
-               progress: bool = True, dataset: Dataset | None = None) -> "Trainer":
-        """A trainer continuing the run saved at ``path`` (a run folder or its ``train_state.safetensors``)."""
+               grad_accum: int | None = None, progress: bool = True, dataset: Dataset | None = None) -> "Trainer":
+        """A trainer continuing the run saved at ``path`` (a run folder or its ``train_state.safetensors``).
+
+        ``steps`` extends the run; ``grad_accum`` re-splits its global batch. Under DDP only rank 0 reads
+        the file; the run may continue on a different number of ranks.
+        """
         path = Path(path)
         state_path = path / ckpt.STATE_FILE if path.is_dir() else path
-        if not state_path.exists():
-            raise FileNotFoundError(f"no training state to resume: {state_path}")
-        _, meta = ckpt.load_tensors(state_path)
+        tensors, meta = _read_state(state_path)
         if meta.get("kind") != TRAIN_STATE_KIND or "config" not in meta:
             raise ckpt.CheckpointError(f"{state_path} is not a cplfast training state")
         config = TrainConfig.from_json(meta["config"])
         if steps is not None:
             config = dataclasses.replace(config, steps=steps)
+        if grad_accum is not None:
+            config = dataclasses.replace(config, grad_accum=grad_accum)
         trainer = cls(config, out_dir or state_path.parent, dataset=dataset, progress=progress)
-        trainer.load_state(state_path)
+        trainer._apply_state(tensors, meta, state_path)
         return trainer
 
     # ------------------------------------------------------------------ training
@@ -393,7 +499,7 @@ class Trainer:
         labels = batch["task"].to(self.device) if self.config.prompt in ("pip", "dppd") else None
         k = self.config.num_negatives if self.cpr is not None else 0
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-            out, aux = self.model(x, labels=labels, num_negatives=k, return_aux=True)
+            out, aux = (self.ddp or self.model)(x, labels=labels, num_negatives=k, return_aux=True)
         out = out.float()
         if self.config.pixel_loss == "l1":
             pixel = (out - y).abs().mean()
@@ -411,16 +517,57 @@ class Trainer:
             parts[name] = float(value.detach())
         return loss, parts
 
+    def _batches(self, stop: int):
+        """Micro-batches for steps ``self.step … stop−1`` on this rank (module docstring)."""
+        cfg = self.config
+        window = Subset(self.dataset, range(self.step * cfg.batch, stop * cfg.batch))
+        sampler = DistributedSampler(window, num_replicas=self.world_size, rank=self.rank, shuffle=False, drop_last=True)
+        return DataLoader(
+            window, batch_size=self.micro_batch, sampler=sampler, num_workers=cfg.workers,
+            pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
+        )
+
+    def _rank_mean(self, values: list[float]) -> list[float]:
+        """The mean over ranks of each value (the identity in a single process)."""
+        if self.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return (t / self.world_size).tolist()
+
+    def _synced_progress(self, elapsed: float) -> float:
+        """Schedule progress; with a time budget under DDP the slowest clock decides, so all ranks agree."""
+        progress = self._progress(self.step, elapsed)
+        if self.world_size > 1 and self.config.time_budget:
+            t = torch.tensor([progress], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            progress = float(t)
+        return progress
+
+    def _accumulate_gradients(self, batches) -> dict[str, float]:
+        """Forward/backward ``grad_accum`` micro-batches; DDP all-reduces the gradients on the last one.
+
+        Returns the loss terms averaged over micro-batches and ranks (``"loss"`` is their sum).
+        """
+        accum = self.config.grad_accum
+        sums: dict[str, float] = {}
+        for j in range(accum):
+            batch = next(batches)
+            last = j == accum - 1
+            with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                loss, parts = self._loss(batch)
+                (loss / accum).backward()
+            for name, value in {"loss": float(loss.detach()), **parts}.items():
+                sums[name] = sums.get(name, 0.0) + value / accum
+        names = list(sums)
+        return dict(zip(names, self._rank_mean([sums[n] for n in names])))
+
     def fit(self, until: int | None = None) -> TrainResult:
         """Train from the current step to ``config.steps`` (or ``until``, or the time budget)."""
         cfg = self.config
         stop = min(cfg.steps, until) if until is not None else cfg.steps
         self.model.train()
-        loader = DataLoader(
-            self.dataset, batch_size=cfg.batch, sampler=_IndexRange(self.step * cfg.batch, stop * cfg.batch),
-            num_workers=cfg.workers, pin_memory=self.device.type == "cuda", drop_last=True,
-            persistent_workers=False,
-        )
+        batches = iter(self._batches(stop)) if stop > self.step else iter(())
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -431,27 +578,26 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         stopped_early = False
         try:
-            for batch in loader:
-                elapsed = base_elapsed + time.perf_counter() - start
-                progress = self._progress(self.step, elapsed)
+            while self.step < stop:
+                progress = self._synced_progress(base_elapsed + time.perf_counter() - start)
                 if progress >= 1.0:
                     stopped_early = self.step < cfg.steps
                     break
                 lr = lr_at(progress, cfg)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                loss, parts = self._loss(batch)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"training diverged at step {self.step}: loss is {float(loss)} ({parts})")
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                parts = self._accumulate_gradients(batches)
+                loss = parts.pop("loss")
+                if not math.isfinite(loss):
+                    raise RuntimeError(f"training diverged at step {self.step}: loss is {loss} ({parts})")
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 self.optimizer.step()
                 if self.ema is not None:
                     self.ema.update(self.model)
                 self.step += 1
-                self.last_loss = float(loss.detach())
+                self.last_loss = loss
                 self.elapsed = base_elapsed + time.perf_counter() - start
                 if bar is not None:
                     if cfg.time_budget:  # show the step count the budget will allow
@@ -506,5 +652,5 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
     return Trainer(config, out_dir, progress=progress).fit()
 
 
-__all__ = ["EMA", "cpu_threads", "TrainConfig", "TrainResult", "Trainer", "build_model", "inference_model", "lr_at", "model_spec",
-           "resolve_device", "schedule_progress", "train"]
+__all__ = ["EMA", "cpu_threads", "TrainConfig", "TrainResult", "Trainer", "build_model", "inference_model", "init_distributed",
+           "lr_at", "model_spec", "resolve_device", "schedule_progress", "train"]

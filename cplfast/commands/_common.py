@@ -13,15 +13,16 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads (default: the cores not already busy, from the load average)")
 
 
-def setup_device(args: argparse.Namespace) -> torch.device:
-    """Resolve ``--device`` and set the CPU thread count (``--threads`` or :func:`cplfast.train.cpu_threads`)."""
+def setup_device(args: argparse.Namespace, processes_per_node: int = 1) -> torch.device:
+    """Resolve ``--device`` and set the CPU thread count: ``--threads``, else this process's share
+    (``processes_per_node``) of :func:`cplfast.train.cpu_threads`."""
     from ..train import cpu_threads, resolve_device
 
     device = resolve_device(args.device)
     threads = args.threads
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads or cpu_threads())
+    torch.set_num_threads(threads or max(1, cpu_threads() // max(1, processes_per_node)))
     return device
 
 

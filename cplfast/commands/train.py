@@ -1,9 +1,14 @@
-"""``cplfast train``: train a PromptIR / CPL / PIP / DPPD model; ``--resume`` continues a run exactly."""
+"""``cplfast train``: train a PromptIR / CPL / PIP / DPPD model; ``--resume`` continues a run exactly.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) it trains with DistributedDataParallel: NCCL on GPUs, gloo on
+CPUs; ``--batch`` stays the global batch; rank 0 prints, saves and evaluates the routing profile.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 from ..cli import CommandError
@@ -20,13 +25,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", type=tasks_argument, default=None,
                         help="degradations for clean images, comma separated (default: noise,rain,haze,blur,lowlight)")
     parser.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: 1000)")
-    parser.add_argument("--batch", type=positive_int, default=None, help="batch size (default: 8)")
+    parser.add_argument("--batch", type=positive_int, default=None,
+                        help="global batch per optimizer step, over all GPUs/processes and --grad-accum (default: 8)")
+    parser.add_argument("--grad-accum", type=positive_int, default=None,
+                        help="micro-batches per step on each process: batch / (processes x grad-accum) images "
+                             "each (default: 1)")
     parser.add_argument("--patch", type=positive_int, default=None, help="training patch side, a multiple of 8 (default: 64)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-4)")
     parser.add_argument("--pixel-loss", choices=("l1", "psnr"), default=None,
                         help="pixel loss: l1 (PromptIR/CPL) or psnr (mean per-image log MSE) (default: l1)")
     parser.add_argument("--negatives", type=int, default=None, help="CPR negatives per image for cpl; 0 disables CPR (default: 2)")
     parser.add_argument("--cpr-weight", type=float, default=None, help="weight of the CPR loss (default: 0.1)")
+    parser.add_argument("--cpr-batch-negatives", action="store_const", const=True, default=None,
+                        help="CPR also contrasts each restoration with the other images of the global batch "
+                             "(across all processes under torchrun)")
     parser.add_argument("--ema", type=float, default=None, help="EMA decay; 0 disables (default: 0.999)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     parser.add_argument("--workers", type=int, default=None, help="data loader worker processes (default: 0)")
@@ -36,32 +48,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     parser.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
     parser.add_argument("--resume", default=None, metavar="RUN",
-                        help="continue the run in this folder (or its train_state.safetensors); --steps may extend it")
+                        help="continue the run in this folder (or its train_state.safetensors); --steps may extend it, "
+                             "--grad-accum re-split its batch (e.g. on fewer GPUs)")
     parser.add_argument("--out", default=None, help="run folder for checkpoints (default: runs/<prompt>-<preset>)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_arguments(parser)
 
 
 _FLAG_FIELDS = {
-    "preset": "preset", "prompt": "prompt", "data": "data", "tasks": "tasks", "steps": "steps", "batch": "batch",
-    "patch": "patch", "lr": "lr", "pixel_loss": "pixel_loss", "negatives": "num_negatives", "cpr_weight": "cpr_weight", "ema": "ema", "seed": "seed",
+    "preset": "preset", "prompt": "prompt", "data": "data", "tasks": "tasks", "steps": "steps", "batch": "batch", "grad_accum": "grad_accum",
+    "patch": "patch", "lr": "lr", "pixel_loss": "pixel_loss", "negatives": "num_negatives", "cpr_weight": "cpr_weight",
+    "cpr_batch_negatives": "cpr_batch_negatives", "ema": "ema", "seed": "seed",
     "workers": "workers", "save_every": "save_every", "time_budget": "time_budget",
 }
 
 
+# A resumed run may go longer, and may split its (unchanged) global batch differently, e.g. on fewer GPUs.
+_RESUME_FLAGS = ("steps", "grad_accum")
+
+
 def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from ..train import init_distributed
+
+    distributed = init_distributed(args.device)
+    try:
+        code = _train(args)
+        if distributed:
+            dist.barrier()  # rank 0 has written the checkpoint before any rank leaves
+        return code
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..distributed import world
     from ..evaluate import routing_profile
     from ..train import TrainConfig, Trainer
 
-    setup_device(args)
+    rank, world_size = world()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    setup_device(args, processes_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if args.resume:
-        explicit = [flag for flag in _FLAG_FIELDS if flag != "steps" and getattr(args, flag) is not None]
+        explicit = [flag for flag in _FLAG_FIELDS if flag not in _RESUME_FLAGS and getattr(args, flag) is not None]
         if explicit:
-            raise CommandError(f"--resume continues the saved configuration; only --steps may change (got --{explicit[0].replace('_', '-')})")
-        trainer = Trainer.resume(args.resume, out_dir=args.out, steps=args.steps, progress=not args.quiet)
+            raise CommandError(f"--resume continues the saved configuration; only --steps and --grad-accum may change "
+                               f"(got --{explicit[0].replace('_', '-')})")
+        trainer = Trainer.resume(args.resume, out_dir=args.out, steps=args.steps, grad_accum=args.grad_accum,
+                                 progress=not args.quiet)
         if trainer.step >= trainer.config.steps:
             raise CommandError(f"the run in {args.resume} already finished {trainer.step} steps; pass a larger --steps to extend it")
-        print(f"resuming {trainer.config.prompt}/{trainer.config.preset} at step {trainer.step} of {trainer.config.steps}")
+        say(f"resuming {trainer.config.prompt}/{trainer.config.preset} at step {trainer.step} of {trainer.config.steps}")
     else:
         values = {name: getattr(args, flag) for flag, name in _FLAG_FIELDS.items() if getattr(args, flag) is not None}
         if args.data is not None and not Path(args.data).exists():
@@ -69,14 +108,16 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(TrainConfig(), **values, amp=not args.no_amp, deterministic=args.deterministic,
                                      device=args.device)
         out = Path(args.out or f"runs/{config.prompt}-{config.preset}")
-        if (out / "train_state.safetensors").exists():
+        if rank == 0 and (out / "train_state.safetensors").exists():
             raise CommandError(f"{out} already holds a training run; continue it with --resume {out} or pick another --out")
         trainer = Trainer(config, out, progress=not args.quiet)
-        print(f"training {config.prompt}/{config.preset} on {', '.join(trainer.tasks)} "
-              f"({config.steps} steps, batch {config.batch}, patch {config.patch}) on {trainer.device} -> {trainer.out_dir}")
+        processes = f" x {world_size} processes" if world_size > 1 else ""
+        say(f"training {config.prompt}/{config.preset} on {', '.join(trainer.tasks)} "
+            f"({config.steps} steps, batch {config.batch}, patch {config.patch}) on {trainer.device}{processes} "
+            f"-> {trainer.out_dir}")
     result = trainer.fit()
-    profile = routing_profile(trainer.model_for_eval(), trainer.dataset, device=trainer.device)
-    trainer.save(extra_config={"routing_by_task": profile})
-    print(f"done: {result.steps} steps in {result.seconds:.0f} s, last loss {result.last_loss:.4f}; "
-          f"model: {result.model_path}")
+    extra = {"routing_by_task": routing_profile(trainer.model_for_eval(), trainer.dataset, device=trainer.device)} if rank == 0 else None
+    trainer.save(extra_config=extra)
+    say(f"done: {result.steps} steps in {result.seconds:.0f} s, last loss {result.last_loss:.4f}; "
+        f"model: {result.model_path}")
     return 0
