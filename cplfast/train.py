@@ -31,14 +31,20 @@ used in every step). ``batch`` is the *global* batch of one optimizer step: each
 ``grad_accum`` micro-batches of ``batch / (W · grad_accum)`` images, and step ``s`` still consumes
 items ``s·B … s·B+B−1`` (a ``DistributedSampler`` over that window hands rank ``r`` every W-th item),
 so a run gives the same weights on any number of GPUs and accumulation steps, up to float rounding.
-Rank 0 writes checkpoints and the progress bar; resume reads the state on rank 0 and broadcasts it
-(the run folder need not be visible from other nodes); every rank's RNG state is saved and restored.
+Rank 0 writes checkpoints, the progress bar and the log; resume reads the state on rank 0 and
+broadcasts it (the run folder need not be visible from other nodes); every rank's RNG state is saved
+and restored.
+
+Log: ``train_log.jsonl`` in the run folder, one JSON line every ``log_every`` steps — step, loss and its
+terms (averaged over micro-batches and ranks), lr, elapsed seconds, images/s. A resume drops the lines
+of steps after its checkpoint, so the log always matches the weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
@@ -59,6 +65,7 @@ from .data.degradations import derive_seed
 from .distributed import world
 
 TRAIN_STATE_KIND = "train_state"
+LOG_FILE = "train_log.jsonl"
 
 
 @dataclass
@@ -91,6 +98,7 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 0
     save_every: int = 500  # steps; 0 saves only at the end
+    log_every: int = 10  # steps between lines of train_log.jsonl; 0 writes none
     time_budget: float | None = None  # seconds of training; None: run all steps
     min_steps: int = 0  # with time_budget: keep going past the budget until this many steps ...
     time_limit: float | None = None  # ... but never past this many seconds (default: the budget)
@@ -114,6 +122,7 @@ class TrainConfig:
         positive_int("num_negatives", self.num_negatives, 0)
         positive_int("workers", self.workers, 0)
         positive_int("save_every", self.save_every, 0)
+        positive_int("log_every", self.log_every, 0)
         for name in ("lr", "cpr_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -464,6 +473,7 @@ class Trainer:
             self.ema.updates = int(meta.get("ema_updates", 0))
         self._set_rng_states(tensors)
         self.step = int(meta["step"])
+        self._truncate_log()
         self.elapsed = float(meta.get("elapsed", 0.0))
         self.last_loss = float(meta.get("last_loss") if meta.get("last_loss") is not None else "nan")
 
@@ -488,6 +498,28 @@ class Trainer:
         trainer = cls(config, out_dir or state_path.parent, dataset=dataset, progress=progress)
         trainer._apply_state(tensors, meta, state_path)
         return trainer
+
+    # ------------------------------------------------------------------ log
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / LOG_FILE
+
+    def _log(self, record: dict[str, Any]) -> None:
+        """Append one JSON line to ``train_log.jsonl`` (rank 0 only)."""
+        if not self.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _truncate_log(self) -> None:
+        """Drop the lines of steps after the restored one (written after the last checkpoint of a crashed run)."""
+        if not self.is_main or not self.log_path.exists():
+            return
+        lines = self.log_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        if len(kept) != len(lines):
+            ckpt.atomic_write_bytes(self.log_path, "".join(kept).encode("utf-8"))
 
     # ------------------------------------------------------------------ training
     def _progress(self, step: int, elapsed: float) -> float:
@@ -577,6 +609,7 @@ class Trainer:
         base_elapsed = self.elapsed
         params = [p for p in self.model.parameters() if p.requires_grad]
         stopped_early = False
+        logged_step, logged_time = self.step, start
         try:
             while self.step < stop:
                 progress = self._synced_progress(base_elapsed + time.perf_counter() - start)
@@ -606,6 +639,11 @@ class Trainer:
                     bar.set_postfix({"loss": f"{self.last_loss:.4f}", **{k: f"{v:.4f}" for k, v in parts.items()},
                                      "lr": f"{lr:.2e}"}, refresh=False)
                     bar.update(1)
+                if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == stop):
+                    now = time.perf_counter()
+                    self._log({"step": self.step, "loss": loss, **parts, "lr": lr, "elapsed_s": round(self.elapsed, 3),
+                               "images_per_s": round((self.step - logged_step) * cfg.batch / max(now - logged_time, 1e-9), 2)})
+                    logged_step, logged_time = self.step, now
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < stop:
                     self.save()
         finally:

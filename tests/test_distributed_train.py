@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -146,7 +147,10 @@ def test_torchrun_cli_writes_one_checkpoint_that_restore_loads(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: 2 steps") == 1  # rank 0 alone reports
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted([ckpt.CONFIG_FILE, ckpt.MODEL_FILE, ckpt.STATE_FILE])
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([ckpt.CONFIG_FILE, ckpt.MODEL_FILE, ckpt.STATE_FILE,
+                                                                "train_log.jsonl"])
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2]  # written once, by rank 0
     image = tmp_path / "in.png"
     Image.fromarray(torch.randint(0, 256, (40, 56, 3), dtype=torch.uint8).numpy()).save(image)
     restored = subprocess.run([sys.executable, "-m", "cplfast", "restore", str(image), "-o", str(tmp_path / "out.png"),

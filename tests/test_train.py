@@ -148,3 +148,20 @@ def test_optimizer_state_roundtrip():
     for s1, s2 in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
         for key in s1:
             assert torch.equal(s1[key], s2[key])
+
+
+def test_log_has_a_line_every_log_every_steps_and_resume_drops_lines_past_the_checkpoint(tmp_path):
+    config = TrainConfig(**{**FAST, "save_every": 2}, steps=5, num_negatives=1, log_every=2)
+    trainer = Trainer(config, tmp_path, progress=False)
+    trainer.fit(until=5)
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 5]  # and the last step
+    assert all({"loss", "l1", "cpr", "lr", "elapsed_s", "images_per_s"} <= set(r) for r in records)
+    assert all(r["loss"] == pytest.approx(r["l1"] + r["cpr"], rel=1e-5) and r["images_per_s"] > 0 for r in records)
+    # a crash after step 5 with the last checkpoint at step 4: the log must not keep step 5 twice
+    tensors, meta = ckpt.load_tensors(tmp_path / ckpt.STATE_FILE)
+    ckpt.save_tensors(tmp_path / ckpt.STATE_FILE, tensors, {**meta, "step": 4})
+    resumed = Trainer.resume(tmp_path, progress=False)
+    assert [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()] == [2, 4]
+    resumed.fit()
+    assert [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()] == [2, 4, 5]

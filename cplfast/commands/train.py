@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     parser.add_argument("--workers", type=int, default=None, help="data loader worker processes (default: 0)")
     parser.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps; 0: only at the end (default: 500)")
+    parser.add_argument("--log-every", type=int, default=None,
+                        help="steps between lines of RUN/train_log.jsonl (loss terms, lr, images/s); 0: no log (default: 10)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="stop after this many seconds with a completed schedule (makes the step count speed-dependent)")
     parser.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
@@ -59,7 +61,7 @@ _FLAG_FIELDS = {
     "preset": "preset", "prompt": "prompt", "data": "data", "tasks": "tasks", "steps": "steps", "batch": "batch", "grad_accum": "grad_accum",
     "patch": "patch", "lr": "lr", "pixel_loss": "pixel_loss", "negatives": "num_negatives", "cpr_weight": "cpr_weight",
     "cpr_batch_negatives": "cpr_batch_negatives", "ema": "ema", "seed": "seed",
-    "workers": "workers", "save_every": "save_every", "time_budget": "time_budget",
+    "workers": "workers", "save_every": "save_every", "log_every": "log_every", "time_budget": "time_budget",
 }
 
 
