@@ -144,6 +144,9 @@ class TrainConfig:
             raise ValueError("tasks must not be empty")
         if not isinstance(self.cpr_batch_negatives, bool):
             raise TypeError(f"cpr_batch_negatives must be a bool, got {self.cpr_batch_negatives!r}")
+        if self.cpr_batch_negatives and not (self.prompt == "cpl" and self.num_negatives > 0):
+            raise ValueError("cpr_batch_negatives extends CPR, which needs prompt='cpl' and num_negatives > 0 "
+                             f"(got prompt={self.prompt!r}, num_negatives={self.num_negatives})")
         if self.pixel_loss not in ("l1", "psnr"):
             raise ValueError(f"pixel_loss must be 'l1' or 'psnr', got {self.pixel_loss!r}")
         return self

@@ -119,11 +119,15 @@ def test_resume_restores_every_rank_and_may_change_the_process_count(tmp_path):
     assert one.step == 5
 
 
-def test_batch_must_split_over_ranks_and_accumulation():
+def test_bad_distributed_settings_name_the_argument():
     with pytest.raises(ValueError, match="grad_accum"):
         TrainConfig(batch=6, grad_accum=4).validate()
     with pytest.raises(ValueError, match="grad_accum"):
         TrainConfig(grad_accum=0).validate()
+    with pytest.raises(ValueError, match="num_negatives"):
+        TrainConfig(cpr_batch_negatives=True, num_negatives=0).validate()
+    with pytest.raises(ValueError, match="prompt"):
+        TrainConfig(cpr_batch_negatives=True, prompt="pip").validate()
 
 
 def test_grad_accumulation_equals_the_full_batch(tmp_path):
