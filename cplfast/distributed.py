@@ -15,6 +15,29 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def on_rank0(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` evaluated on rank 0 only, its result broadcast to every rank.
+
+    If it raises on rank 0, every rank raises that exception, so a check that only rank 0 can make
+    (a file on node 0) fails everywhere at once instead of leaving the other ranks waiting in their next
+    collective. Outside a process group this is just the call. The result must be picklable.
+    """
+    rank, world_size = world()
+    if world_size == 1:
+        return fn(*args, **kwargs)
+    payload: list = [None]
+    if rank == 0:
+        try:
+            payload = [(True, fn(*args, **kwargs))]
+        except Exception as err:  # re-raised below, on every rank
+            payload = [(False, err)]
+    dist.broadcast_object_list(payload, src=0)
+    ok, value = payload[0]
+    if not ok:
+        raise value
+    return value
+
+
 class _AllGatherRows(torch.autograd.Function):
     """Concatenate every rank's ``(n_r, D)`` rows; backward sums the gradient over ranks, keeps ours.
 

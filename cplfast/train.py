@@ -62,10 +62,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from . import checkpoint as ckpt
 from .data import TASKS, embedded_train_dataset, folder_dataset
 from .data.degradations import derive_seed
-from .distributed import world
+from .distributed import on_rank0, world
 
 TRAIN_STATE_KIND = "train_state"
 LOG_FILE = "train_log.jsonl"
+# TrainConfig fields a resumed run may change: the schedule's length, how the batch is split, I/O.
+RESUME_CHANGES = ("steps", "time_budget", "grad_accum", "log_every", "save_every", "workers")
 
 
 @dataclass
@@ -303,15 +305,13 @@ class TrainResult:
 
 def _read_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(tensors, meta)`` of a training state file: read on rank 0, broadcast to the other ranks."""
-    rank, world_size = world()
-    payload: list = [None]
-    if rank == 0:
+
+    def read():
         if not Path(path).exists():
             raise FileNotFoundError(f"no training state to resume: {path}")
-        payload = [ckpt.load_tensors(path)]
-    if world_size > 1:
-        dist.broadcast_object_list(payload, src=0)
-    return payload[0]
+        return ckpt.load_tensors(path)
+
+    return on_rank0(read)
 
 
 # ------------------------------------------------------------------------------------------ trainer
@@ -476,30 +476,36 @@ class Trainer:
             self.ema.updates = int(meta.get("ema_updates", 0))
         self._set_rng_states(tensors)
         self.step = int(meta["step"])
-        self._truncate_log()
         self.elapsed = float(meta.get("elapsed", 0.0))
         self.last_loss = float(meta.get("last_loss") if meta.get("last_loss") is not None else "nan")
 
     @classmethod
-    def resume(cls, path: str | os.PathLike, *, out_dir: str | os.PathLike | None = None, steps: int | None = None,
-               grad_accum: int | None = None, progress: bool = True, dataset: Dataset | None = None) -> "Trainer":
+    def resume(cls, path: str | os.PathLike, *, out_dir: str | os.PathLike | None = None, progress: bool = True,
+               dataset: Dataset | None = None, **changes) -> "Trainer":
         """A trainer continuing the run saved at ``path`` (a run folder or its ``train_state.safetensors``).
 
-        ``steps`` extends the run; ``grad_accum`` re-splits its global batch. Under DDP only rank 0 reads
-        the file; the run may continue on a different number of ranks.
+        ``changes`` may set the fields of :data:`RESUME_CHANGES` (``None`` keeps the saved value): ``steps``
+        extends the run, ``time_budget`` gives it more time, ``grad_accum`` re-splits its global batch (e.g.
+        on fewer GPUs); the rest do not change the weights. Under DDP only rank 0 reads the file; the run
+        may continue on a different number of ranks. The log of ``path`` up to the restored step is carried
+        into ``out_dir``.
         """
+        unknown = sorted(set(changes) - set(RESUME_CHANGES))
+        if unknown:
+            raise TypeError(f"resume cannot change {unknown}; it can change {list(RESUME_CHANGES)}")
         path = Path(path)
         state_path = path / ckpt.STATE_FILE if path.is_dir() else path
         tensors, meta = _read_state(state_path)
         if meta.get("kind") != TRAIN_STATE_KIND or "config" not in meta:
             raise ckpt.CheckpointError(f"{state_path} is not a cplfast training state")
         config = TrainConfig.from_json(meta["config"])
-        if steps is not None:
-            config = dataclasses.replace(config, steps=steps)
-        if grad_accum is not None:
-            config = dataclasses.replace(config, grad_accum=grad_accum)
+        changes = {name: value for name, value in changes.items() if value is not None}
+        if changes.get("time_budget") and config.time_limit is not None:
+            changes["time_limit"] = max(config.time_limit, changes["time_budget"])
+        config = dataclasses.replace(config, **changes)
         trainer = cls(config, out_dir or state_path.parent, dataset=dataset, progress=progress)
         trainer._apply_state(tensors, meta, state_path)
+        trainer._carry_log(state_path.parent)
         return trainer
 
     # ------------------------------------------------------------------ log
@@ -515,13 +521,17 @@ class Trainer:
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _truncate_log(self) -> None:
-        """Drop the lines of steps after the restored one (written after the last checkpoint of a crashed run)."""
-        if not self.is_main or not self.log_path.exists():
+    def _carry_log(self, source_dir: Path) -> None:
+        """The log of ``source_dir`` up to the restored step, as this run's log.
+
+        Drops the lines written after the last checkpoint of a crashed run, so the log matches the weights.
+        """
+        source = Path(source_dir) / LOG_FILE
+        if not self.is_main or not source.exists():
             return
-        lines = self.log_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
         kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
-        if len(kept) != len(lines):
+        if len(kept) != len(lines) or source.resolve() != self.log_path.resolve():
             ckpt.atomic_write_bytes(self.log_path, "".join(kept).encode("utf-8"))
 
     # ------------------------------------------------------------------ training
@@ -693,5 +703,5 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
     return Trainer(config, out_dir, progress=progress).fit()
 
 
-__all__ = ["EMA", "cpu_threads", "TrainConfig", "TrainResult", "Trainer", "build_model", "inference_model", "init_distributed",
+__all__ = ["EMA", "RESUME_CHANGES", "cpu_threads", "TrainConfig", "TrainResult", "Trainer", "build_model", "inference_model", "init_distributed",
            "lr_at", "model_spec", "resolve_device", "schedule_progress", "train"]

@@ -76,6 +76,28 @@ def test_train_resume_extends_and_rejects_changes(run_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "more" / "config.json").read_text())["step"] == 3
     code, _, err = _run(capsys, "train", "--resume", run_dir, "--batch", "4")
     assert "only --steps" in _one_error_line(code, err)
+    # the log of the resumed run comes along: step 2 (the last of run_dir), then step 3 of the continuation
+    log = (tmp_path / "more" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [2, 3]
+    # resuming into a folder that holds another run must not overwrite it
+    before = (tmp_path / "more" / "model.safetensors").read_bytes()
+    code, _, err = _run(capsys, "train", "--resume", run_dir, "--steps", "4", "--out", tmp_path / "more", "--quiet")
+    assert "already holds a training run" in _one_error_line(code, err)
+    assert (tmp_path / "more" / "model.safetensors").read_bytes() == before
+
+
+def test_a_run_stopped_by_its_time_budget_resumes_with_a_larger_budget(tmp_path, capsys):
+    run = tmp_path / "budget"
+    code, _, _ = _run(capsys, "train", "--steps", "1000", "--batch", "2", "--patch", "16", "--tasks", "noise",
+                      "--negatives", "0", "--time-budget", "0.5", "--out", run, "--quiet", "--threads", "1")
+    assert code == 0
+    step = json.loads((run / "config.json").read_text())["step"]
+    assert 0 < step < 1000
+    code, _, err = _run(capsys, "train", "--resume", run, "--quiet", "--threads", "1")
+    assert "--time-budget" in _one_error_line(code, err)
+    code, _, _ = _run(capsys, "train", "--resume", run, "--time-budget", "1.5", "--quiet", "--threads", "1")
+    assert code == 0
+    assert json.loads((run / "config.json").read_text())["step"] > step
 
 
 def test_restore_file_and_folder(run_dir, pairs, tmp_path, capsys):

@@ -181,3 +181,16 @@ def test_official_unused_layers_are_frozen():
     model = PromptIR(prompt="promptir", preset="base")
     frozen = {name.split(".")[0] for name, p in model.named_parameters() if not p.requires_grad}
     assert len(frozen) == 6
+
+
+def test_torchrun_resume_of_a_missing_run_fails_on_every_rank(tmp_path):
+    """Rank 0 alone reads the run; its error must reach the other ranks instead of leaving them in a collective."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+         "-m", "cplfast", "train", "--resume", str(tmp_path / "missing"), "--quiet"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert done.returncode != 0
+    assert done.stderr.count("no training state to resume") == 2  # each rank reports the same cause
+    assert "Connection closed by peer" not in done.stderr  # no rank was left waiting for rank 0

@@ -11,6 +11,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from ..checkpoint import STATE_FILE
 from ..cli import CommandError
 from ._common import add_device_arguments, positive_int, setup_device, tasks_argument
 
@@ -37,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negatives", type=int, default=None, help="CPR negatives per image for cpl; 0 disables CPR (default: 2)")
     parser.add_argument("--cpr-weight", type=float, default=None, help="weight of the CPR loss (default: 0.1)")
     parser.add_argument("--cpr-batch-negatives", action="store_const", const=True, default=None,
-                        help="CPR also contrasts each restoration with the other images of the global batch "
-                             "(across all processes under torchrun)")
+                        help="CPR (cpl with --negatives > 0) also contrasts each restoration with the other images of "
+                             "its micro-batch step on all processes (batch / grad-accum images)")
     parser.add_argument("--ema", type=float, default=None, help="EMA decay; 0 disables (default: 0.999)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     parser.add_argument("--workers", type=int, default=None, help="data loader worker processes (default: 0)")
@@ -50,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     parser.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
     parser.add_argument("--resume", default=None, metavar="RUN",
-                        help="continue the run in this folder (or its train_state.safetensors); --steps may extend it, "
-                             "--grad-accum re-split its batch (e.g. on fewer GPUs)")
+                        help="continue the run in this folder (or its train_state.safetensors); --steps / --time-budget "
+                             "may extend it, --grad-accum re-split its batch (e.g. on fewer GPUs), and --log-every, "
+                             "--save-every, --workers change")
     parser.add_argument("--out", default=None, help="run folder for checkpoints (default: runs/<prompt>-<preset>)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_arguments(parser)
@@ -65,8 +67,11 @@ _FLAG_FIELDS = {
 }
 
 
-# A resumed run may go longer, and may split its (unchanged) global batch differently, e.g. on fewer GPUs.
-_RESUME_FLAGS = ("steps", "grad_accum")
+def _check_free_run_folder(out: Path, continuing: Path | None = None) -> None:
+    """A training run must not overwrite another run's folder (``continuing``: the run being resumed)."""
+    if (out / STATE_FILE).exists() and (continuing is None or out.resolve() != continuing.resolve()):
+        hint = f"continue it with --resume {out} or pick another --out" if continuing is None else "pick another --out"
+        raise CommandError(f"{out} already holds a training run; {hint}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,22 +91,31 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..distributed import world
+    from ..distributed import on_rank0, world
     from ..evaluate import routing_profile
-    from ..train import TrainConfig, Trainer
+    from ..train import RESUME_CHANGES, TrainConfig, Trainer, schedule_progress
 
     rank, world_size = world()
     say = print if rank == 0 else (lambda *a, **k: None)
     setup_device(args, processes_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if args.resume:
-        explicit = [flag for flag in _FLAG_FIELDS if flag not in _RESUME_FLAGS and getattr(args, flag) is not None]
+        changeable = {flag: name for flag, name in _FLAG_FIELDS.items() if name in RESUME_CHANGES}
+        explicit = [flag for flag in _FLAG_FIELDS if flag not in changeable and getattr(args, flag) is not None]
         if explicit:
-            raise CommandError(f"--resume continues the saved configuration; only --steps and --grad-accum may change "
+            allowed = ", ".join("--" + flag.replace("_", "-") for flag in changeable)
+            raise CommandError(f"--resume continues the saved configuration; only {allowed} may change "
                                f"(got --{explicit[0].replace('_', '-')})")
-        trainer = Trainer.resume(args.resume, out_dir=args.out, steps=args.steps, grad_accum=args.grad_accum,
-                                 progress=not args.quiet)
-        if trainer.step >= trainer.config.steps:
+        source = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        if args.out:
+            on_rank0(_check_free_run_folder, Path(args.out), continuing=source)
+        trainer = Trainer.resume(args.resume, out_dir=args.out, progress=not args.quiet,
+                                 **{name: getattr(args, flag) for flag, name in changeable.items()})
+        cfg = trainer.config
+        if trainer.step >= cfg.steps:
             raise CommandError(f"the run in {args.resume} already finished {trainer.step} steps; pass a larger --steps to extend it")
+        if schedule_progress(trainer.step, trainer.elapsed, cfg) >= 1:
+            raise CommandError(f"the run in {args.resume} used its time budget ({trainer.elapsed:.0f} of "
+                               f"{cfg.time_budget:.0f} s); pass a larger --time-budget to extend it")
         say(f"resuming {trainer.config.prompt}/{trainer.config.preset} at step {trainer.step} of {trainer.config.steps}")
     else:
         values = {name: getattr(args, flag) for flag, name in _FLAG_FIELDS.items() if getattr(args, flag) is not None}
@@ -110,8 +124,7 @@ def _train(args: argparse.Namespace) -> int:
         config = dataclasses.replace(TrainConfig(), **values, amp=not args.no_amp, deterministic=args.deterministic,
                                      device=args.device)
         out = Path(args.out or f"runs/{config.prompt}-{config.preset}")
-        if rank == 0 and (out / "train_state.safetensors").exists():
-            raise CommandError(f"{out} already holds a training run; continue it with --resume {out} or pick another --out")
+        on_rank0(_check_free_run_folder, out)
         trainer = Trainer(config, out, progress=not args.quiet)
         processes = f" x {world_size} processes" if world_size > 1 else ""
         say(f"training {config.prompt}/{config.preset} on {', '.join(trainer.tasks)} "
