@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _gloo import free_port  # noqa: E402
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _supcon_rank(rank: int, world: int, port: int, z: torch.Tensor, labels: torch.Tensor,
@@ -45,7 +43,7 @@ def _spawn_two_ranks(worker, *args):
     """Run ``worker(rank, 2, port, *args, queue)`` in two spawned processes; their queued results by rank."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=worker, args=(r, 2, port, *args, queue)) for r in range(2)]
     for p in procs:
         p.start()

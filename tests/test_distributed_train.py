@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,9 @@ import torch.multiprocessing as mp
 
 from cplfast import checkpoint as ckpt
 from cplfast.train import TrainConfig, Trainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _gloo import free_port  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
@@ -29,12 +31,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train_rank(rank: int, world: int, port: int, config: TrainConfig, out: str, until: int | None,
@@ -54,7 +50,7 @@ def _train_rank(rank: int, world: int, port: int, config: TrainConfig, out: str,
 
 
 def _train_two_ranks(config: TrainConfig, out: Path, *, until: int | None = None, resume: bool = False) -> None:
-    mp.start_processes(_train_rank, args=(2, _free_port(), config, str(out), until, resume), nprocs=2,
+    mp.start_processes(_train_rank, args=(2, free_port(), config, str(out), until, resume), nprocs=2,
                        start_method="spawn")
 
 
@@ -144,7 +140,7 @@ def test_torchrun_cli_writes_one_checkpoint_that_restore_loads(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
          "-m", "cplfast", "train", "--preset", "tiny", "--steps", "2", "--batch", "4", "--patch", "16",
          "--tasks", "noise,haze", "--negatives", "1", "--cpr-batch-negatives", "--out", str(run_dir), "--quiet"],
         capture_output=True, text=True, env=env, timeout=600,
@@ -187,7 +183,7 @@ def test_torchrun_resume_of_a_missing_run_fails_on_every_rank(tmp_path):
     """Rank 0 alone reads the run; its error must reach the other ranks instead of leaving them in a collective."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
          "-m", "cplfast", "train", "--resume", str(tmp_path / "missing"), "--quiet"],
         capture_output=True, text=True, env=env, timeout=120,
     )

@@ -19,6 +19,7 @@ import cplfast.distributed
 from cplfast import functional, reference
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _gloo import free_port  # noqa: E402
 from _sm90 import build_for_sm90  # noqa: E402
 from cplfast.kernels import supcon as kernels
 from cplfast.ops import supcon as ops
@@ -265,14 +266,6 @@ def test_kernel_gather_gradient_reaches_key_owners():
         assert rel(g, r) <= GRAD_TOL
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _triton_rank(rank, sizes, port, z, labels, queue):
     import os
 
@@ -301,7 +294,7 @@ def test_kernel_gather_across_two_gloo_ranks():
     z, labels = torch.randn(sum(sizes), 12), make_labels(sum(sizes), "random")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_triton_rank, args=(r, sizes, port, z, labels, queue)) for r in range(2)]
     for p in procs:
         p.start()
