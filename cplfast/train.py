@@ -216,6 +216,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> bool:
         return True
     resolved = resolve_device(device)
     if resolved.type == "cuda":
+        if ":" in str(device) and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"device {device!r} would put every process of this node on one GPU; pass 'cuda' "
+                             "(each process takes the GPU of its LOCAL_RANK)")
         torch.cuda.set_device(resolved)
     dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=timeout_s))
