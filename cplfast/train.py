@@ -375,6 +375,7 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0  # training seconds spent in earlier sessions of this run
         self.last_loss = float("nan")
+        self._log_source: Path | None = None  # a resumed run's folder, whose log this run continues
         self.use_amp = bool(config.amp) and self.device.type == "cuda"
 
     # ------------------------------------------------------------------ checkpoints
@@ -490,8 +491,8 @@ class Trainer:
         ``changes`` may set the fields of :data:`RESUME_CHANGES` (``None`` keeps the saved value): ``steps``
         extends the run, ``time_budget`` gives it more time, ``grad_accum`` re-splits its global batch (e.g.
         on fewer GPUs); the rest do not change the weights. Under DDP only rank 0 reads the file; the run
-        may continue on a different number of ranks. The log of ``path`` up to the restored step is carried
-        into ``out_dir``.
+        may continue on a different number of ranks. When training goes on, the log of ``path`` up to the
+        restored step becomes the log of ``out_dir``.
         """
         unknown = sorted(set(changes) - set(RESUME_CHANGES))
         if unknown:
@@ -508,7 +509,7 @@ class Trainer:
         config = dataclasses.replace(config, **changes)
         trainer = cls(config, out_dir or state_path.parent, dataset=dataset, progress=progress)
         trainer._apply_state(tensors, meta, state_path)
-        trainer._carry_log(state_path.parent)
+        trainer._log_source = state_path.parent  # carried over when training goes on (fit)
         return trainer
 
     # ------------------------------------------------------------------ log
@@ -615,6 +616,9 @@ class Trainer:
         cfg = self.config
         stop = min(cfg.steps, until) if until is not None else cfg.steps
         self.model.train()
+        if self._log_source is not None:
+            self._carry_log(self._log_source)
+            self._log_source = None
         batches = iter(self._batches(stop)) if stop > self.step else iter(())
         bar = None
         if self.progress:
