@@ -261,9 +261,10 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for k, v in model.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+        state = model.state_dict()
+        names = list(self.shadow)
+        # shadow + (1 − d)(current − shadow) in one multi-tensor launch instead of two kernels per tensor
+        torch._foreach_lerp_([self.shadow[k] for k in names], [state[k].detach().float() for k in names], 1 - d)
 
     def state_dict_for(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The model's state_dict with the averaged values in place of the floating-point entries."""
