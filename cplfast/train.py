@@ -543,7 +543,8 @@ class Trainer:
     def _progress(self, step: int, elapsed: float) -> float:
         return schedule_progress(step, elapsed, self.config)
 
-    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss, its terms)`` of one micro-batch; the terms are detached 0-d tensors (no device sync)."""
         x = batch["input"].to(self.device, non_blocking=True)
         y = batch["target"].to(self.device, non_blocking=True)
         labels = batch["task"].to(self.device) if self.config.prompt in ("pip", "dppd") else None
@@ -556,15 +557,15 @@ class Trainer:
         else:  # per-image PSNR loss: each image's gradient is scaled by its own error, as PSNR weighs them
             mse = (out - y).pow(2).flatten(1).mean(1)
             pixel = (10 / math.log(10)) * torch.log(mse + 1e-8).mean()
-        parts = {self.config.pixel_loss: float(pixel.detach())}
+        parts = {self.config.pixel_loss: pixel.detach()}
         loss = pixel
         if k:
             cpr = self.cpr(out, y, aux["negatives"].float())
             loss = loss + cpr
-            parts["cpr"] = float(cpr.detach())
+            parts["cpr"] = cpr.detach()
         for name, value in aux.get("losses", {}).items():
             loss = loss + value.float()
-            parts[name] = float(value.detach())
+            parts[name] = value.detach().float()
         return loss, parts
 
     def _batches(self, stop: int):
@@ -577,13 +578,13 @@ class Trainer:
             pin_memory=self.device.type == "cuda", drop_last=True, persistent_workers=False,
         )
 
-    def _rank_mean(self, values: list[float]) -> list[float]:
-        """The mean over ranks of each value (the identity in a single process)."""
-        if self.world_size == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return (t / self.world_size).tolist()
+    def _rank_mean(self, values: torch.Tensor) -> list[float]:
+        """The mean over ranks of each entry of ``values`` (1-D), as floats: one device sync."""
+        values = values.double()
+        if self.world_size > 1:
+            dist.all_reduce(values)
+            values = values / self.world_size
+        return values.tolist()
 
     def _synced_progress(self, elapsed: float) -> float:
         """Schedule progress; with a time budget under DDP the slowest clock decides, so all ranks agree."""
@@ -600,17 +601,17 @@ class Trainer:
         Returns the loss terms averaged over micro-batches and ranks (``"loss"`` is their sum).
         """
         accum = self.config.grad_accum
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for j in range(accum):
             batch = next(batches)
             last = j == accum - 1
             with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
                 loss, parts = self._loss(batch)
                 (loss / accum).backward()
-            for name, value in {"loss": float(loss.detach()), **parts}.items():
-                sums[name] = sums.get(name, 0.0) + value / accum
+            for name, value in {"loss": loss.detach(), **parts}.items():
+                sums[name] = sums.get(name, 0.0) + value.float() / accum
         names = list(sums)
-        return dict(zip(names, self._rank_mean([sums[n] for n in names])))
+        return dict(zip(names, self._rank_mean(torch.stack([sums[n] for n in names]))))
 
     def fit(self, until: int | None = None) -> TrainResult:
         """Train from the current step to ``config.steps`` (or ``until``, or the time budget)."""
