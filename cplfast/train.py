@@ -220,8 +220,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> bool:
             raise ValueError(f"device {device!r} would put every process of this node on one GPU; pass 'cuda' "
                              "(each process takes the GPU of its LOCAL_RANK)")
         torch.cuda.set_device(resolved)
-    dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    # device_id binds NCCL to this process's GPU (collectives and barrier need not guess it)
+    dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=resolved if resolved.type == "cuda" else None)
     return True
 
 
