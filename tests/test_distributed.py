@@ -7,22 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _gloo import free_port  # noqa: E402
+from _gloo import init_gloo, spawn_two_ranks  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
 def _supcon_rank(rank: int, world: int, port: int, z: torch.Tensor, labels: torch.Tensor,
                  sizes: list[int], reduction: str, queue) -> None:
-    import os
-
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         import cplfast
 
@@ -35,25 +31,6 @@ def _supcon_rank(rank: int, world: int, port: int, z: torch.Tensor, labels: torc
         dist.destroy_process_group()
 
 
-def _run_two_ranks(z, labels, sizes, reduction):
-    return _spawn_two_ranks(_supcon_rank, z, labels, sizes, reduction)
-
-
-def _spawn_two_ranks(worker, *args):
-    """Run ``worker(rank, 2, port, *args, queue)`` in two spawned processes; their queued results by rank."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, 2, port, *args, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted((queue.get(timeout=120) for _ in procs), key=lambda result: result[0])
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return results
-
-
 @pytest.mark.parametrize("sizes", [[6, 6], [4, 9]])
 def test_supcon_gather_equals_global_batch(sizes):
     import cplfast
@@ -61,7 +38,7 @@ def test_supcon_gather_equals_global_batch(sizes):
     n = sum(sizes)
     z = torch.randn(n, 7, dtype=torch.float64)
     labels = torch.randint(0, 3, (n,))
-    results = _run_two_ranks(z, labels, sizes, "sum")
+    results = spawn_two_ranks(_supcon_rank, z, labels, sizes, "sum")
 
     z_global = z.clone().requires_grad_()
     expected = cplfast.functional.supcon(z_global, labels, reduction="sum")
@@ -83,20 +60,11 @@ def test_supcon_gather_without_process_group_is_local():
     )
 
 
-def _init_gloo(rank: int, world: int, port: int) -> None:
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-
-
 def _gather_rows_rank(rank: int, world: int, port: int, x: torch.Tensor, sizes: list[int],
                       weights: torch.Tensor, queue) -> None:
     import torch.distributed as dist
 
-    _init_gloo(rank, world, port)
+    init_gloo(rank, world, port)
     try:
         from cplfast.distributed import gather_rows
 
@@ -118,7 +86,7 @@ def test_gather_rows_unequal_counts_and_gradient_to_owners():
     sizes = [3, 5]
     x = torch.randn(sum(sizes), 4, 2, dtype=torch.float64)
     weights = torch.randn_like(x)
-    results = _spawn_two_ranks(_gather_rows_rank, x, sizes, weights)
+    results = spawn_two_ranks(_gather_rows_rank, x, sizes, weights)
     for rank, rows, offset, grad, mismatch in results:
         start = sum(sizes[:rank])
         torch.testing.assert_close(torch.from_numpy(rows), x, rtol=0, atol=0)
@@ -132,7 +100,7 @@ def _cpr_rank(rank: int, world: int, port: int, output: torch.Tensor, target: to
               negatives: torch.Tensor, queue) -> None:
     import torch.distributed as dist
 
-    _init_gloo(rank, world, port)
+    init_gloo(rank, world, port)
     try:
         import cplfast
 
@@ -155,7 +123,7 @@ def test_cpr_batch_negatives_gathered_equal_global_batch():
     target = torch.rand(2 * b, 3, 9, 7, dtype=torch.float64)
     output = target + 0.2 * torch.randn_like(target)
     negatives = target + 0.4 * torch.randn(k, *target.shape, dtype=torch.float64)
-    results = _spawn_two_ranks(_cpr_rank, output, target, negatives)
+    results = spawn_two_ranks(_cpr_rank, output, target, negatives)
 
     out_global, neg_global = output.clone().requires_grad_(), negatives.clone().requires_grad_()
     expected = cplfast.ContrastivePromptLoss(temperature=0.2, batch_negatives=True)(out_global, target, neg_global)

@@ -16,7 +16,7 @@ from cplfast import checkpoint as ckpt
 from cplfast.train import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _gloo import free_port  # noqa: E402
+from _gloo import free_port, init_gloo  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
@@ -38,8 +38,7 @@ def _train_rank(rank: int, world: int, port: int, config: TrainConfig, out: str,
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         trainer = Trainer.resume(out, progress=False) if resume else Trainer(config, out, progress=False)
         assert trainer.micro_batch == config.batch // (world * config.grad_accum)

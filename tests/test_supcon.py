@@ -19,7 +19,7 @@ import cplfast.distributed
 from cplfast import functional, reference
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _gloo import free_port  # noqa: E402
+from _gloo import init_gloo, spawn_two_ranks  # noqa: E402
 from _sm90 import build_for_sm90  # noqa: E402
 from cplfast.kernels import supcon as kernels
 from cplfast.ops import supcon as ops
@@ -266,13 +266,13 @@ def test_kernel_gather_gradient_reaches_key_owners():
         assert rel(g, r) <= GRAD_TOL
 
 
-def _triton_rank(rank, sizes, port, z, labels, queue):
+def _triton_rank(rank, world, port, sizes, z, labels, queue):
     import os
 
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="1")
-    dist.init_process_group("gloo", rank=rank, world_size=len(sizes))
+    os.environ["TRITON_INTERPRET"] = "1"
+    init_gloo(rank, world, port)
     try:
         start = sum(sizes[:rank])
         local = z[start : start + sizes[rank]].clone().requires_grad_()
@@ -288,20 +288,9 @@ def _triton_rank(rank, sizes, port, z, labels, queue):
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_kernel_gather_across_two_gloo_ranks():
     """Two ranks with unequal batches, keys all-gathered: the same loss and gradients as one global batch."""
-    import torch.multiprocessing as mp
-
     sizes = [9, 14]
     z, labels = torch.randn(sum(sizes), 12), make_labels(sum(sizes), "random")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_triton_rank, args=(r, sizes, port, z, labels, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted((queue.get(timeout=240) for _ in procs), key=lambda r: r[0])
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = spawn_two_ranks(_triton_rank, sizes, z, labels, timeout=240)
     z64 = z.double().requires_grad_()
     ref_loss = reference.supcon(z64, labels, reduction="sum")
     ref_loss.backward()
