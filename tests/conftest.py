@@ -21,3 +21,13 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def restore_torch_globals():
+    """Put back the process-wide torch settings a test changes: CPU threads, deterministic algorithms."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)

@@ -13,14 +13,8 @@ from cplfast.cli import main
 from cplfast.data import degrade, load_image, save_image
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    """Commands and deterministic runs change process-wide torch settings; put them back."""
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+# Commands and deterministic runs change process-wide torch settings; the fixture puts them back.
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 
 
 def _run(capsys, *argv):

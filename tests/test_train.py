@@ -9,14 +9,8 @@ import torch
 from cplfast import checkpoint as ckpt
 from cplfast.train import EMA, TrainConfig, Trainer, inference_model, lr_at, schedule_progress
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    """Commands and deterministic runs change process-wide torch settings; put them back."""
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+# Commands and deterministic runs change process-wide torch settings; the fixture puts them back.
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 
 
 # Tiny runs: 16x16 patches, batch 2, a few steps.
