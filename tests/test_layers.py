@@ -37,6 +37,19 @@ def assert_all_grads(module: torch.nn.Module) -> None:
 # PromptGenBlock / SparsePromptModule (SPEC §4.1, §4.2)
 
 
+def spy_on_functional(monkeypatch, name: str) -> list[tuple[tuple, dict]]:
+    """Record the ``(args, kwargs)`` of every call to ``cplfast.functional.<name>`` (which still runs)."""
+    calls = []
+    original = getattr(functional, name)
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(functional, name, spy)
+    return calls
+
+
 def official_promptgen_forward(block: cplfast.PromptGenBlock, x: torch.Tensor) -> torch.Tensor:
     """PromptIR's net/model.py PromptGenBlock.forward, written out (repeat and all)."""
     b, _, h, w = x.shape
@@ -234,16 +247,9 @@ def test_pip_forward_backward_shapes(in_dim, prompt_dim):
 
 
 def test_pip_uses_mdta_channel_attention(monkeypatch):
-    calls = []
-    original = functional.topm_channel_attention
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(functional, "topm_channel_attention", spy)
+    calls = spy_on_functional(monkeypatch, "topm_channel_attention")
     make_pip()(torch.randn(B, 10, H, W))
-    assert len(calls) == 1 and calls[0]["fractions"] is None and calls[0]["mix"] is None
+    assert len(calls) == 1 and calls[0][1]["fractions"] is None and calls[0][1]["mix"] is None
 
 
 def test_pip_teacher_forcing_in_training_blind_in_eval():
@@ -338,18 +344,11 @@ def test_selective_interaction_shapes_and_grads(dim, prompt_dim):
 
 
 def test_selective_interaction_calls_topm_with_learnable_mix(monkeypatch):
-    calls = []
-    original = functional.topm_channel_attention
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(functional, "topm_channel_attention", spy)
+    calls = spy_on_functional(monkeypatch, "topm_channel_attention")
     m = cplfast.SelectivePromptFeatureInteraction(6, 10, heads=1, fractions=(0.5, 1.0))
     m(torch.randn(B, 6, H, W), torch.randn(B, 10, H, W))
     assert len(calls) == 1
-    assert calls[0]["fractions"] == (0.5, 1.0) and calls[0]["mix"] is m.attn.mix
+    assert calls[0][1]["fractions"] == (0.5, 1.0) and calls[0][1]["mix"] is m.attn.mix
 
 
 def test_selective_interaction_prompt_steers_output():
@@ -450,21 +449,14 @@ def test_prompt_distribution_gradients_and_kl():
 
 @pytest.mark.parametrize("token_dim", [None, 5])
 def test_prompt_cross_fusion_matches_sdpa(token_dim, monkeypatch):
-    calls = []
-    original = functional.prompt_token_attention
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(functional, "prompt_token_attention", spy)
+    calls = spy_on_functional(monkeypatch, "prompt_token_attention")
     dim, heads, m_tokens = 12, 3, 7
     layer = cplfast.PromptCrossFusion(dim, heads, token_dim=token_dim)
     tokens = torch.randn(B, m_tokens, token_dim or dim, requires_grad=True)
     x = torch.randn(B, dim, H, W, requires_grad=True)
     out = layer(x, tokens)
     assert out.shape == (B, dim, H, W)
-    assert calls == [(B, heads, H * W, dim // heads)]
+    assert [args[0].shape for args, _ in calls] == [(B, heads, H * W, dim // heads)]
 
     pixels = F.layer_norm(x.flatten(2).transpose(1, 2), (dim,), layer.norm.weight, layer.norm.bias)
     q = layer.q(pixels).view(B, H * W, heads, -1).transpose(1, 2)
