@@ -72,6 +72,14 @@ def _backend_for(provider: str, config: BenchConfig) -> str:
     return config.backend if provider == "cplfast" else "reference"
 
 
+def _compiled_if_asked(fn: Callable, provider: str, config: BenchConfig) -> Callable:
+    """``torch.compile(fn)`` (fresh dynamo caches) for the ``compile`` provider, else ``fn``."""
+    if provider != "compile":
+        return fn
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=config.compile_backend, mode=config.compile_mode)
+
+
 def _train_prepare(case: Case, provider: str, config: BenchConfig, model, cpr) -> Callable[[], Callable]:
     from .._backend import use_backend
 
@@ -85,10 +93,7 @@ def _train_prepare(case: Case, provider: str, config: BenchConfig, model, cpr) -
         out, negatives = model(inputs, num_negatives=k)
         return F.l1_loss(out, target) + cpr(out, target, negatives)
 
-    loss_fn = forward_loss
-    if provider == "compile":
-        torch._dynamo.reset()
-        loss_fn = torch.compile(forward_loss, backend=config.compile_backend, mode=config.compile_mode)
+    loss_fn = _compiled_if_asked(forward_loss, provider, config)
     backend = _backend_for(provider, config)
 
     def step():
@@ -106,10 +111,7 @@ def _infer_prepare(case: Case, provider: str, config: BenchConfig, model) -> Cal
     from .._backend import use_backend
 
     x = torch.rand(case["B"], 3, case["H"], case["W"], device=config.device)
-    forward = model
-    if provider == "compile":
-        torch._dynamo.reset()
-        forward = torch.compile(model, backend=config.compile_backend, mode=config.compile_mode)
+    forward = _compiled_if_asked(model, provider, config)
     backend = _backend_for(provider, config)
 
     def infer():
