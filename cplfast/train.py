@@ -308,6 +308,12 @@ class TrainResult:
     stopped_early: bool
 
 
+def train_state_path(run: str | os.PathLike) -> Path:
+    """The training state file of a run: ``run`` itself, or ``run/train_state.safetensors`` for a run folder."""
+    run = Path(run)
+    return run / ckpt.STATE_FILE if run.is_dir() else run
+
+
 def _read_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(tensors, meta)`` of a training state file: read on rank 0, broadcast to the other ranks."""
 
@@ -499,8 +505,7 @@ class Trainer:
         unknown = sorted(set(changes) - set(RESUME_CHANGES))
         if unknown:
             raise TypeError(f"resume cannot change {unknown}; it can change {list(RESUME_CHANGES)}")
-        path = Path(path)
-        state_path = path / ckpt.STATE_FILE if path.is_dir() else path
+        state_path = train_state_path(path)
         tensors, meta = _read_state(state_path)
         if meta.get("kind") != TRAIN_STATE_KIND or "config" not in meta:
             raise ckpt.CheckpointError(f"{state_path} is not a cplfast training state")

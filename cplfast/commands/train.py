@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from ..distributed import on_rank0, world
     from ..evaluate import routing_profile
-    from ..train import RESUME_CHANGES, TrainConfig, Trainer, schedule_progress
+    from ..train import RESUME_CHANGES, TrainConfig, Trainer, schedule_progress, train_state_path
 
     rank, world_size = world()
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -105,9 +105,8 @@ def _train(args: argparse.Namespace) -> int:
             allowed = ", ".join("--" + flag.replace("_", "-") for flag in changeable)
             raise CommandError(f"--resume continues the saved configuration; only {allowed} may change "
                                f"(got --{explicit[0].replace('_', '-')})")
-        source = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
         if args.out:
-            on_rank0(_check_free_run_folder, Path(args.out), continuing=source)
+            on_rank0(_check_free_run_folder, Path(args.out), continuing=train_state_path(args.resume).parent)
         trainer = Trainer.resume(args.resume, out_dir=args.out, progress=not args.quiet,
                                  **{name: getattr(args, flag) for flag, name in changeable.items()})
         cfg = trainer.config
