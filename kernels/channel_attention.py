@@ -500,3 +500,35 @@ def channel_attention_backward(
         else:
             dmix = dmix_ws.sum(dim=(0, 1)).to(mix.dtype)
     return dq, dk, dv, dtemperature, dmix
+
+
+def audit_cases(dtype: torch.dtype):
+    """Launches users reach (every MDTA of PromptIR/CPL/DPPD, PIP's top-m levels, channels per head 32…256,
+    512² and 3840x2160 inference, an 8K image) for the compile audit (``cplfast.kernels.audit``)."""
+    from .audit import AuditCase, fake
+
+    default = (1 / 2, 2 / 3, 3 / 4, 4 / 5)
+
+    def case(b, h, c, length, topm, *, backward=True):
+        def run():
+            q, k, v = (fake((b, h, c, length), dtype) for _ in range(3))
+            temperature = fake((h,), dtype)
+            counts = [int(c * f) for f in default] if topm else []
+            mix = fake((len(default),), dtype) if topm else None
+            out, *saved = channel_attention_forward(q, k, v, temperature, mix, counts)
+            if backward:
+                channel_attention_backward(fake((b, h, c, length), dtype), q, k, v, temperature, mix, *saved, counts)
+        return run
+
+    # PromptIR base at 128² patches: (heads, c per head, L) of the encoder/decoder levels and refinement
+    for h, c, side in [(1, 48, 128), (2, 48, 64), (4, 48, 32), (8, 48, 16), (1, 96, 128), (2, 96, 64)]:
+        yield AuditCase(f"mdta train h={h} c={c} {side}²", case(8, h, c, side * side, False), quick=c == 96 and h == 1)
+    for c in (32, 48, 64, 80, 96, 128, 160, 192, 256):
+        yield AuditCase(f"topm train c={c}", case(8, 2, c, 64 * 64, True), quick=c == 160)
+        yield AuditCase(f"mdta train c={c}", case(8, 2, c, 64 * 64, False))
+    for c in (48, 96):
+        yield AuditCase(f"mdta 512² infer c={c}", case(1, 1, c, 512 * 512, False, backward=False))
+        yield AuditCase(f"mdta 3840x2160 infer c={c}", case(1, 1, c, 3840 * 2160, False, backward=False),
+                        quick=c == 96)
+        yield AuditCase(f"topm 3840x2160 infer c={c}", case(1, 1, c, 3840 * 2160, True, backward=False))
+    yield AuditCase("mdta 7680x4320 infer c=48", case(1, 1, 48, 7680 * 4320, False, backward=False))

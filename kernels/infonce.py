@@ -315,3 +315,28 @@ def infonce_backward(
         BLOCK_L=block_l, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=num_warps,
     )
     return d_anchor, d_positive, d_negatives
+
+
+def audit_cases(dtype: torch.dtype):
+    """Launches users reach (CPR's NCHW features at SPEC §8 shapes, channels-last, ``(N, D)`` rows,
+    K = 1…16 negatives) for the compile audit (``cplfast.kernels.audit``)."""
+    from .audit import AuditCase, fake
+
+    def case(shape, k, *, dim=1, order=None, reduction="mean"):
+        def run():
+            anchor, positive = fake(shape, dtype, order), fake(shape, dtype, order)
+            neg_order = None if order is None else (0,) + tuple(o + 1 for o in order)
+            negatives = fake((k,) + tuple(shape), dtype, neg_order)
+            loss, stats = infonce_forward(anchor, positive, negatives, 0.1, dim, reduction)
+            grad = fake(loss.shape, dtype)
+            infonce_backward(grad, anchor, positive, negatives, stats, 0.1, dim, reduction, True, True, True)
+        return run
+
+    yield AuditCase("K=4 C=64 128² B=8", case((8, 64, 128, 128), 4), quick=True)
+    yield AuditCase("K=4 C=64 128² B=8 none", case((8, 64, 128, 128), 4, reduction="none"))
+    yield AuditCase("K=4 C=64 128² channels-last", case((8, 64, 128, 128), 4, order=(0, 2, 3, 1)), quick=True)
+    for k in (1, 2, 8, 16):
+        yield AuditCase(f"K={k} C=128 64²", case((8, 128, 64, 64), k))
+    for c in (3, 256, 512):
+        yield AuditCase(f"K=4 C={c} 32²", case((8, c, 32, 32), 4))
+    yield AuditCase("(N,D) N=16384 D=256 K=4", case((16384, 256), 4, dim=-1))

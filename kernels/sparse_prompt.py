@@ -504,3 +504,28 @@ def backward(
 
 
 __all__ = ["BackwardResult", "ForwardResult", "MAX_COMPONENTS", "backward", "forward"]
+
+
+def audit_cases(dtype: torch.dtype):
+    """Launches users reach (PromptIR's three prompt levels at SPEC §8 training and inference shapes, 4K,
+    channels-last, up to MAX_COMPONENTS components) for the compile audit (``cplfast.kernels.audit``)."""
+    from .audit import AuditCase, fake
+
+    def case(b, c, h, w, n, d, s, k, *, order=None, renorm=False):
+        def run():
+            x = fake((b, c, h, w), dtype, order)
+            weight, bias, prompts = fake((n, c), dtype), fake((n,), dtype), fake((n, d, s, s), dtype)
+            res = forward(x, weight, bias, prompts, k, 1.0, renorm, (h, w))
+            backward(fake((b, d, h, w), dtype), fake((b, n), dtype), weight, prompts, res.emb, res.probs, res.mixw,
+                     k, 1.0, renorm, (h, w))
+        return run
+
+    levels = [(96, 64, 64, 64), (192, 128, 32, 32), (384, 320, 16, 16)]  # (C, D, S, H=W) at 128² patches
+    for i, (c, d, s, hw) in enumerate(levels, 1):
+        yield AuditCase(f"prompt{i} train k=1", case(8, c, hw, hw, 5, d, s, 1), quick=i == 1)
+        yield AuditCase(f"prompt{i} train dense", case(8, c, hw, hw, 5, d, s, 5))
+        yield AuditCase(f"prompt{i} train channels-last", case(8, c, hw, hw, 5, d, s, 1, order=(0, 2, 3, 1)))
+        yield AuditCase(f"prompt{i} 512² infer", case(1, c, hw * 4, hw * 4, 5, d, s, 1))
+        yield AuditCase(f"prompt{i} 3840x2160 infer", case(1, c, 2160 >> (i - 1), 3840 >> (i - 1), 5, d, s, 1))
+    yield AuditCase("N=64 k=3 renorm", case(4, 96, 64, 64, 64, 64, 64, 3, renorm=True))
+    yield AuditCase(f"N={MAX_COMPONENTS} k=1", case(2, 48, 32, 32, MAX_COMPONENTS, 32, 16, 1))

@@ -255,3 +255,26 @@ def supcon_backward(
     gk = _normalized_grad(keys, inv_k, key_labels, q, inv_q, labels, 0, offset, lse, n_pos, grad, temperature,
                           False, True)
     return normalize_backward(q, gq), normalize_backward(keys, gk)
+
+
+def audit_cases(dtype: torch.dtype):
+    """Launches users reach (SPEC §8: N = 16k, D = 256; N = 131,072; keys gathered from 64 ranks;
+    D = 64…1024) for the compile audit (``cplfast.kernels.audit``)."""
+    from .audit import AuditCase, fake
+
+    def case(n, d, *, ranks=1):
+        def run():
+            q, labels = fake((n, d), dtype), fake((n,), torch.int64)
+            keys = key_labels = None
+            offset = 0
+            if ranks > 1:
+                keys, key_labels, offset = fake((n * ranks, d), dtype), fake((n * ranks,), torch.int64), n * (ranks - 1)
+            loss, lse, n_pos = supcon_forward(q, labels, keys, key_labels, offset, 0.1)
+            supcon_backward(fake((n,), torch.float32), q, labels, keys, key_labels, offset, 0.1, lse, n_pos)
+        return run
+
+    yield AuditCase("N=16384 D=256", case(16384, 256), quick=True)
+    yield AuditCase("N=131072 D=256", case(131072, 256))
+    yield AuditCase("N=2048 D=256 keys from 64 ranks", case(2048, 256, ranks=64), quick=True)
+    for d in (64, 128, 512, 1024):
+        yield AuditCase(f"N=4096 D={d}", case(4096, d))

@@ -220,3 +220,26 @@ def token_attention_backward(
         dk = dk_ws.sum(dim=2).to(k.dtype)
         dv = dv_ws.sum(dim=2).to(v.dtype)
     return dq, dk, dv
+
+
+def audit_cases(dtype: torch.dtype):
+    """Launches users reach (DPPD's CrossFusion: 4…64 prompt tokens, head dims 24…128, 128² training
+    patches, 3840x2160 inference) for the compile audit (``cplfast.kernels.audit``)."""
+    from .audit import AuditCase, fake
+
+    def case(b, h, length, m, d, *, backward=True, transposed=False):
+        def run():
+            q = fake((b, h, length, d), dtype, (0, 2, 1, 3) if transposed else None)
+            k, v = fake((b, h, m, d), dtype), fake((b, h, m, d), dtype)
+            scale = d ** -0.5
+            token_attention_forward(q, k, v, scale)
+            if backward:
+                token_attention_backward(fake((b, h, length, d), dtype), q, k, v, scale)
+        return run
+
+    for d in (24, 32, 48, 64, 96, 128):
+        for m in (4, 16, 64):
+            yield AuditCase(f"train d={d} M={m}", case(8, 2, 64 * 64, m, d), quick=(d, m) in {(48, 16), (96, 64)})
+    yield AuditCase("train (B,L,h,d) view d=48 M=16", case(8, 2, 64 * 64, 16, 48, transposed=True))
+    for d in (48, 96):
+        yield AuditCase(f"3840x2160 infer d={d} M=16", case(1, 1, 3840 * 2160, 16, d, backward=False))
