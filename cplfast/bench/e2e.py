@@ -9,6 +9,12 @@ Providers: ``cplfast`` (the model on the chosen backend: the Triton kernels on C
 same model on the ``reference`` backend) and ``compile`` (``torch.compile`` of the reference-backend
 forward (+ loss)). With a half-precision ``dtype`` the model stays fp32 and runs under autocast, as in
 training. When the model or the loss module is missing, the workload is skipped with the reason.
+
+The providers of a case are timed interleaved, in rounds of freshly shuffled order (as the ops, see
+:mod:`.runner`); they share one model (each training provider has its own AdamW). Inference outputs are
+checked once per case against the model on the ``reference`` backend in float32 on the same image
+(tolerance :data:`E2E_TOLERANCES`); a training step is not checked (its weights change every step; the op
+benchmarks check its kernels).
 """
 
 from __future__ import annotations
@@ -22,12 +28,15 @@ import torch.nn.functional as F
 
 from .cases import FULL, Case, Traffic, make_case
 from .memory import peak_mb
-from .runner import BenchConfig, Measurement, _format_row, describe_error, free_memory, time_prepared
+from .runner import BenchConfig, Measurement, _format_row, describe_error, free_memory, relative_error, time_interleaved
 
 TRAIN = "promptir_cpl_train_step"
 INFER = "promptir_cpl_inference"
 E2E_OPS = (TRAIN, INFER)
 
+
+# max|got - want| / max|want| of the restored image against the float32 reference backend.
+E2E_TOLERANCES = {torch.float32: 1e-3, torch.float64: 1e-3, torch.float16: 3e-2, torch.bfloat16: 8e-2}
 
 QUICK_CPU_COMPILE_SKIP = ("skipped: torch.compile of the whole model on the CPU spends minutes in C++ code "
                           "generation; run without --quick to measure it")
@@ -107,10 +116,15 @@ def _train_prepare(case: Case, provider: str, config: BenchConfig, model, cpr) -
     return lambda: step
 
 
+def _infer_image(case: Case, config: BenchConfig) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(case["B"], 3, case["H"], case["W"], generator=generator).to(config.device)
+
+
 def _infer_prepare(case: Case, provider: str, config: BenchConfig, model) -> Callable[[], Callable]:
     from .._backend import use_backend
 
-    x = torch.rand(case["B"], 3, case["H"], case["W"], device=config.device)
+    x = _infer_image(case, config)
     forward = _compiled_if_asked(model, provider, config)
     backend = _backend_for(provider, config)
 
@@ -142,7 +156,8 @@ def e2e_traffic(case: Case, itemsize: int) -> dict[str, Traffic]:
     return {mode: Traffic(image, 0) for mode in case.modes}
 
 
-def run_e2e(config: BenchConfig, ops=E2E_OPS, done: set | None = None) -> tuple[list[Measurement], list[dict]]:
+def run_e2e(config: BenchConfig, ops=E2E_OPS, done: set | None = None,
+            orders: list[dict] | None = None) -> tuple[list[Measurement], list[dict]]:
     """Measure the end-to-end workloads; returns ``(rows, skipped)`` (``skipped``: ``{"op", "reason"}``)."""
     done = set() if done is None else done
     cases = [c for c in e2e_cases(config.quick, config.device.type) if c.op in ops]
@@ -163,31 +178,77 @@ def run_e2e(config: BenchConfig, ops=E2E_OPS, done: set | None = None) -> tuple[
             reason = f"building the model failed: {describe_error(err)}"
             rows.extend(Measurement(case.op, m, case.shape, p, error=reason) for p in providers for m in case.modes)
             continue
-        for provider in providers:
-            for mode in case.modes:
-                if (case.op, mode, case.shape, provider) in done:
-                    continue
-                row = Measurement(case.op, mode, case.shape, provider)
+        for mode in case.modes:
+            names = [p for p in providers if (case.op, mode, case.shape, p) not in done]
+            mode_rows = {p: Measurement(case.op, mode, case.shape, p) for p in names}
+            prepares = {}
+            for provider in names:
+                row = mode_rows[provider]
                 if provider == "compile" and config.quick and config.device.type == "cpu":
                     row.error = QUICK_CPU_COMPILE_SKIP
-                    rows.append(row)
-                    done.add(row.key)
-                    config.log(_format_row(row))
                     continue
                 try:
-                    prepare = prepare_workload(case, provider, config, model, cpr)
-                    timing = time_prepared(prepare, slow_config, use_graph=False)
-                    row.median_ms, row.p20_ms, row.p80_ms = timing.median_ms, timing.p20_ms, timing.p80_ms
-                    row.timer, row.samples = timing.timer, timing.samples
-                    row.peak_mb = peak_mb(prepare, config.device)
+                    prepares[provider] = prepare_workload(case, provider, config, model, cpr)
                 except Exception as err:  # noqa: BLE001
                     row.error = describe_error(err)
+            if case.op == INFER and config.check:
+                _check_inference(case, config, model, prepares, mode_rows)
+            elif case.op == TRAIN:
+                for row in mode_rows.values():
+                    row.check = "not checked: a training step (weights change every step; see the op benchmarks)"
+            result = time_interleaved(prepares, slow_config, False, (case.op, case.shape, mode))
+            if orders is not None:
+                orders.append({"op": case.op, "mode": mode, "shape": case.shape, "seed": result.seed,
+                               "orders": result.orders})
+            for provider, prepare in prepares.items():
+                row = mode_rows[provider]
+                if row.error:
+                    continue
+                if provider in result.errors:
+                    row.error = result.errors[provider]
+                    continue
+                row.set_timing(result.timings[provider])
+                row.order_seed = result.seed
+                try:
+                    row.peak_mb = peak_mb(prepare, config.device)
+                except Exception as err:  # noqa: BLE001
+                    config.log(f"  peak memory of {provider} failed: {describe_error(err)}")
                 finally:
-                    prepare = None
                     free_memory(config.device)
-                rows.append(row)
-                done.add(row.key)
-                config.log(_format_row(row))
+            prepares.clear()
+            for provider in names:
+                rows.append(mode_rows[provider])
+                done.add(mode_rows[provider].key)
+                config.log(_format_row(mode_rows[provider]))
         del model, cpr
-        free_memory(config.device)
+        free_memory(config.device, full=True)
     return rows, []
+
+
+def _check_inference(case: Case, config: BenchConfig, model, prepares: dict, rows: dict) -> None:
+    """Each provider's restored image against the model on the reference backend (float32, no autocast)."""
+    from .._backend import use_backend
+
+    tolerance = E2E_TOLERANCES.get(config.dtype, 1e-3)
+    try:
+        with torch.no_grad(), use_backend("reference"):
+            want = model(_infer_image(case, config)).float()
+    except Exception as err:  # noqa: BLE001
+        for row in rows.values():
+            row.check = f"unchecked: the reference forward failed ({describe_error(err)[:200]})"
+        return
+    for provider in list(prepares):
+        row = rows[provider]
+        try:
+            got = prepares[provider]()()
+        except Exception as err:  # noqa: BLE001
+            row.error = f"forward failed: {describe_error(err)}"
+            del prepares[provider]
+            continue
+        err = relative_error(got.float(), want)
+        row.max_err, row.tolerance, row.correct = err, tolerance, err <= tolerance
+        row.check = (f"ok: restored image within {tolerance:.0e} of the reference backend (max rel err {err:.1e})"
+                     if row.correct else
+                     f"WRONG: restored image differs from the reference backend: max|got-want|/max|want| = "
+                     f"{err:.2e} > {tolerance:.0e}")
+        free_memory(config.device)

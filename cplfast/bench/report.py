@@ -1,4 +1,8 @@
-"""Markdown rendering of a results document: conditions, one table per op, targets, failures."""
+"""Markdown rendering of a results document: conditions, one table per op, targets, failures.
+
+A provider's cell is ``median [p20–p80] (min–max)`` over the timing rounds, in ms; a result that did not
+match the reference is shown as ``WRONG`` before its timing, a provider that failed as ``FAIL``.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,16 @@ def _ms(value) -> str:
     if value >= 1:
         return f"{value:.3f}"
     return f"{value:.4f}"
+
+
+def spread_cell(row: dict) -> str:
+    """``median [p20–p80] (min–max)``; rows of older documents without min/max show the percentiles only."""
+    text = f'{_ms(row["median_ms"])} [{_ms(row.get("p20_ms"))}–{_ms(row.get("p80_ms"))}]'
+    if row.get("min_ms") is not None and row.get("max_ms") is not None:
+        text += f' ({_ms(row["min_ms"])}–{_ms(row["max_ms"])})'
+    if row.get("correct") is False:
+        text = "**WRONG** " + text
+    return text
 
 
 def _x(value) -> str:
@@ -56,7 +70,7 @@ def op_table(doc: dict, op: str) -> list[str]:
                 error = details.get((mode, shape, p), {}).get("error") or ""
                 cells.append("skip" if error.startswith("skipped") else "FAIL")
             else:
-                cells.append(_ms(row["median_ms"]))
+                cells.append(spread_cell(row))
         ratio = ratios.get((mode, shape), {})
         cells += [_x(ratio.get("speedup_vs_eager")), _x(ratio.get("speedup_vs_compile"))]
         fused = details.get((mode, shape, "cplfast"), {})
@@ -99,8 +113,12 @@ def render(doc: dict) -> str:
         out.append(f'- timing: {cond["timer"]}')
     if cond.get("peak_mb"):
         out.append(f'- peak MB: {cond["peak_mb"]}')
-    out.append("- speedups are median(eager or compile) / median(cplfast); GB/s counts the minimum bytes "
-               "(benchmarks/NOTES.md)")
+    out.append("- provider cells: median [p20–p80] (min–max) in ms over the timing rounds; **WRONG**: the output "
+               "did not match the float64 reference (see Failures)")
+    if cond.get("correctness"):
+        out.append(f'- correctness: {cond["correctness"]}')
+    out.append("- speedups are median(eager or compile) / median(cplfast) (wrong results left out); GB/s counts the "
+               "minimum bytes (benchmarks/NOTES.md)")
     for op in ops:
         out += ["", f"## {op}", ""] + op_table(doc, op)
     targets = doc.get("targets", [])

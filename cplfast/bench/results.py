@@ -6,12 +6,16 @@ Required keys (issue "Benchmarks and speed")::
      "results": [{"op", "mode", "shape", "provider", "median_ms", "p20_ms", "p80_ms", "peak_mb"}],
      "ratios":  [{"op", "mode", "shape", "speedup_vs_eager", "speedup_vs_compile"}]}
 
+Each ``results`` row also carries the spread over the timing rounds (``min_ms``, ``max_ms``, ``rounds``)
+and ``correct`` (the output matched the float64 reference: true / false / null when unchecked).
 A failed provider has a ``results`` row with ``null`` timings and memory; its error string is in
-``failures``. Speedups are ``median(eager) / median(cplfast)`` and ``median(compile) / median(cplfast)``,
-``null`` where either side is missing. Additional top-level keys: ``conditions`` (dtype, quick mode,
+``failures``. A provider whose output was wrong keeps its timings, is listed in ``failures`` (with the
+comparison) and is left out of the ratios. Speedups are ``median(eager) / median(cplfast)`` and
+``median(compile) / median(cplfast)``, ``null`` where either side is missing or wrong. Additional top-level keys: ``conditions`` (dtype, quick mode,
 reduced shapes, backend, timers, memory method, measured bandwidth), ``cases`` (every shape with its
 byte / flop floors), ``details`` (timer, samples, GB/s, % of bandwidth, TFLOP/s per row), ``failures``,
-``skipped`` (workloads not run, with the reason) and ``targets`` (SPEC §8's bars, met or not).
+``skipped`` (workloads not run, with the reason), ``orders`` (the provider order of every timing round, with
+its seed) and ``targets`` (SPEC §8's bars, met or not).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Iterable
 import torch
 
 RESULT_KEYS = ("op", "mode", "shape", "provider", "median_ms", "p20_ms", "p80_ms", "peak_mb")
+SPREAD_KEYS = ("min_ms", "max_ms", "rounds", "correct")  # written by every run since the interleaved timer
 RATIO_KEYS = ("op", "mode", "shape", "speedup_vs_eager", "speedup_vs_compile")
 TOP_KEYS = ("device", "torch", "triton", "commit", "date", "results", "ratios")
 FULL = "forward+backward"
@@ -84,7 +89,7 @@ def _medians(results: Iterable[dict]) -> dict[tuple, dict[str, float]]:
     table: dict[tuple, dict[str, float]] = {}
     for r in results:
         group = table.setdefault((r["op"], r["mode"], r["shape"]), {})
-        if r.get("median_ms") is not None:
+        if r.get("median_ms") is not None and r.get("correct") is not False:
             group[r["provider"]] = r["median_ms"]
     return table
 
@@ -188,12 +193,18 @@ def compute_targets(results: list[dict], cases: list[dict], details: list[dict])
 def finalize(doc: dict) -> dict:
     """Recompute the derived lists (ratios, failures, targets) from results, cases and details."""
     doc["ratios"] = compute_ratios(doc["results"])
-    doc["failures"] = [{k: d[k] for k in ("op", "mode", "shape", "provider", "error")}
-                       for d in doc.get("details", []) if d.get("error")]
+    doc["failures"] = [failure_of(d) for d in doc.get("details", []) if d.get("error") or d.get("correct") is False]
     doc["targets"] = compute_targets(doc["results"], doc.get("cases", []), doc.get("details", []))
     ordered = {key: doc[key] for key in TOP_KEYS}
     ordered.update({k: v for k, v in doc.items() if k not in ordered})
     return ordered
+
+
+def failure_of(detail: dict) -> dict:
+    """A ``failures`` entry: the error, or for a wrong result the comparison with the reference."""
+    error = detail.get("error") or f"wrong result ({detail.get('check')})"
+    return {"op": detail["op"], "mode": detail["mode"], "shape": detail["shape"], "provider": detail["provider"],
+            "error": error}
 
 
 def _union(items: Iterable[dict], key: tuple[str, ...]) -> list[dict]:
@@ -215,6 +226,7 @@ def merge(documents: list[dict]) -> dict:
     base["results"] = _union((r for d in documents for r in d["results"]), row_key)
     base["details"] = _union((r for d in documents for r in d.get("details", [])), row_key)
     base["cases"] = _union((c for d in documents for c in d.get("cases", [])), ("op", "shape"))
+    base["orders"] = _union((o for d in documents for o in d.get("orders", [])), ("op", "mode", "shape"))
     measured_ops = {r["op"] for r in base["results"]}
     base["skipped"] = _union((s for d in documents for s in d.get("skipped", []) if s["op"] not in measured_ops),
                              ("op",))

@@ -11,8 +11,8 @@ import torch
 from .cases import Case
 from .e2e import E2E_OPS, e2e_cases, e2e_traffic, run_e2e
 from .ops import OP_BENCHMARKS
-from .results import RESULT_KEYS, environment, finalize
-from .runner import BenchConfig, Measurement, cplfast_impl, floor_ms, run_ops, select_cases
+from .results import RESULT_KEYS, SPREAD_KEYS, environment, finalize
+from .runner import TOLERANCES, BenchConfig, Measurement, cplfast_impl, floor_ms, run_ops, select_cases
 from .timing import device_bandwidth_gbps
 
 ALL_OPS = tuple(OP_BENCHMARKS) + E2E_OPS
@@ -58,18 +58,27 @@ def detail(row: Measurement, traffic, memory_bound: bool, bandwidth: float | Non
         if traffic[row.mode].flops:
             tflops = traffic[row.mode].flops / seconds / 1e12
     return {"op": row.op, "mode": row.mode, "shape": row.shape, "provider": row.provider, "timer": row.timer,
-            "samples": row.samples, "gb_per_s": gbps, "pct_of_bandwidth": pct, "tflop_per_s": tflops,
-            "error": row.error}
+            "samples": row.samples, "rounds": row.rounds, "order_seed": row.order_seed, "gb_per_s": gbps,
+            "pct_of_bandwidth": pct, "tflop_per_s": tflops, "correct": row.correct, "check": row.check,
+            "max_rel_err": row.max_err, "tolerance": row.tolerance, "error": row.error}
 
 
 def conditions(config: BenchConfig, ops: list[str], bandwidth: float | None, bandwidth_method: str) -> dict:
     reduced = config.quick and config.device.type == "cpu"
     gpu = config.device.type == "cuda"
-    timer = (f"triton.testing.do_bench median and 20/80 percentiles (warmup 25 ms, rep {config.rep_ms} ms, L2 "
-             f"flushed); CUDA-graph replay (cudagraph={config.cudagraph}: memory-bound cases whose HBM floor is "
-             f"below {config.launch_bound_ms} ms in every mode) — see details[].timer" if gpu else
-             f"time.perf_counter around each call after 2 warm-up calls, repeated for {config.cpu_budget_s} s "
-             "(median and 20/80 percentiles)")
+    min_rounds, max_rounds, _ = config.round_limits(1)
+    rounds = (f"{min_rounds} rounds per case and mode; in each round every provider is timed once, in an order "
+              f"shuffled afresh (random.Random seeded with 'seed:op:shape:mode', seed {config.seed}; the orders "
+              "are in orders[]); median, p20/p80, min and max over rounds")
+    timer = (f"{rounds}. One round of a provider: triton.testing.do_bench median (L2 flushed; "
+             f"{max(5, 2 * config.rep_ms // max(1, min_rounds))} ms window, 25 ms warm-up on the first round, "
+             f"5 ms after), or for launch-bound cases (cudagraph={config.cudagraph}: memory-bound cases whose HBM "
+             f"floor is below {config.launch_bound_ms} ms in every mode) 2 replays of a CUDA graph of n calls, "
+             "mean per call — see details[].timer" if gpu else
+             f"{rounds.replace(f'{min_rounds} rounds', f'at least {min_rounds} and at most {max_rounds} rounds')}, "
+             f"going on until every provider had {config.cpu_budget_s} s. One round of a provider: "
+             f"time.perf_counter around back-to-back calls (about {config.cpu_sample_ms} ms, after 2 warm-up "
+             "calls), mean per call")
     memory = ("torch.cuda.max_memory_allocated during one call minus memory_allocated before it (inputs and, "
               "for backward, the saved forward excluded)" if gpu else
               "peak of live tensor bytes during one call from the PyTorch profiler's memory events (inputs "
@@ -98,6 +107,14 @@ def conditions(config: BenchConfig, ops: list[str], bandwidth: float | None, ban
         },
         "timer": timer,
         "peak_mb": memory,
+        "seed": config.seed,
+        "correctness": ("each provider's output (and, for cases timed in a backward mode, its gradients for a "
+                        "fixed random output gradient) compared once per case with cplfast.reference.<op> run in "
+                        "float64 on the same inputs: max|got-want|/max|want| <= tolerance "
+                        f"(float32 {TOLERANCES[torch.float32]:g}, float16 {TOLERANCES[torch.float16]:g}, bfloat16 "
+                        f"{TOLERANCES[torch.bfloat16]:g}); e2e inference: the restored image against the reference "
+                        "backend in float32. A mismatch marks the rows correct=false (listed in failures, left "
+                        "out of ratios)" if config.check else "not checked (--no-check)"),
         "bandwidth_gbps": bandwidth,
         "bandwidth_method": bandwidth_method,
         "cudagraph": config.cudagraph if gpu else "n/a",
@@ -128,26 +145,28 @@ def run_suite(config: BenchConfig, ops: list[str], on_progress: Callable[[dict],
     cases: list[dict] = []
     details: list[dict] = []
     skipped: list[dict] = []
+    orders: list[dict] = []
     done: set = set()
 
     def document() -> dict:
         doc = dict(env)
-        doc["results"] = [{key: getattr(row, key) for key in RESULT_KEYS} for row in rows]
+        doc["results"] = [{key: getattr(row, key) for key in RESULT_KEYS + SPREAD_KEYS} for row in rows]
         doc["conditions"] = conditions(config, ops, bandwidth, method)
         doc["conditions"]["wall_s"] = round(time.perf_counter() - started, 1)
         doc["cases"] = list(cases)
         doc["details"] = list(details)
         doc["skipped"] = list(skipped)
+        doc["orders"] = list(orders)
         return finalize(doc)
 
     for name in ops:
         if name in OP_BENCHMARKS:
             op = OP_BENCHMARKS[name]
-            op_rows = run_ops([op], config, done)
+            op_rows = run_ops([op], config, done, orders)
             traffic_of = _add_op_cases(op, config, itemsize, bandwidth, cases)
             details.extend(detail(row, traffic_of.get(row.shape), op.memory_bound, bandwidth) for row in op_rows)
         else:
-            op_rows, op_skipped = run_e2e(config, [name], done)
+            op_rows, op_skipped = run_e2e(config, [name], done, orders)
             skipped.extend(op_skipped)
             for case in e2e_cases(config.quick, config.device.type):
                 if case.op == name:

@@ -2,7 +2,11 @@
 
 Writes ``OUT/results.json`` (schema in :mod:`cplfast.bench.results`), ``OUT/results.md`` and one
 ``OUT/<op>.png`` per op. ``--merge DIR ...`` combines earlier runs instead of measuring; ``--list``
-prints the cases with their byte / flop floors and measures nothing.
+prints the cases with their byte / flop floors and measures nothing; ``--audit`` runs the kernels' compile
+audit (``python -m cplfast.kernels.audit --quick``, or every case with ``--full``) and measures nothing.
+
+Providers are timed interleaved: rounds in which each is timed once, in a freshly shuffled (seeded) order;
+each provider's output is checked against the float64 reference once per case (``--no-check`` skips it).
 """
 
 from __future__ import annotations
@@ -48,7 +52,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; 1 with --quick on the CPU, where a shared "
                              "machine would stall multi-threaded kernels)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timing rounds per case and mode (GPU: exactly, CPU: at least; default 5 with "
+                             "--quick, else 10)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the per-round provider orders (default 0)")
+    parser.add_argument("--no-check", action="store_true",
+                        help="do not compare the providers' outputs with the float64 reference")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--audit", action="store_true",
+                        help="run the kernels' compile audit (cplfast.kernels.audit, --quick subset) and exit")
+    parser.add_argument("--full", action="store_true", help="with --audit: every audit case, not the quick subset")
+    parser.add_argument("--arch", nargs="+", metavar="ARCH", help="with --audit: target architectures (sm_90 sm_80)")
 
 
 def _log(quiet: bool):
@@ -118,9 +132,29 @@ def _list(args) -> int:
     return 0
 
 
+def _audit(args) -> int:
+    """The compile audit of every kernel launch (needs Triton and ptxas; no GPU)."""
+    from ..cli import CommandError
+
+    try:
+        from ..kernels import audit
+    except ImportError as err:
+        raise CommandError(f"--audit: cplfast.kernels.audit cannot be imported ({err})") from err
+    argv = [] if args.full else ["--quick"]
+    if args.arch:
+        argv += ["--arch", *args.arch]
+    return audit.main(argv)
+
+
 def run(args) -> int:
     from ..cli import CommandError
 
+    if args.full and not args.audit:
+        raise CommandError("--full only applies to --audit")
+    if args.arch and not args.audit:
+        raise CommandError("--arch only applies to --audit")
+    if args.audit:
+        return _audit(args)
     if args.list:
         return _list(args)
     if args.out is None:
@@ -141,6 +175,8 @@ def run(args) -> int:
         raise CommandError(f"--rep-ms must be >= 1, got {args.rep_ms}")
     if args.threads is not None and args.threads < 1:
         raise CommandError(f"--threads must be >= 1, got {args.threads}")
+    if args.rounds is not None and args.rounds < 1:
+        raise CommandError(f"--rounds must be >= 1, got {args.rounds}")
     threads = args.threads if args.threads is not None else (1 if quick and device.type == "cpu" else None)
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -170,6 +206,9 @@ def _measure(args, device, ops: list[str], quick: bool) -> int:
         extras=not args.no_extras,
         rep_ms=args.rep_ms or (30 if quick else 100),
         cpu_budget_s=args.cpu_budget if args.cpu_budget is not None else (0.1 if quick else 1.0),
+        rounds=args.rounds,
+        seed=args.seed,
+        check=not args.no_check,
         log=_log(args.quiet),
     )
 
@@ -181,14 +220,18 @@ def _measure(args, device, ops: list[str], quick: bool) -> int:
     _print_summary(doc)
     for path in written:
         print(path)
+    if any(r.get("correct") is False for r in doc["results"]):
+        print("error: some providers returned WRONG results (see failures in results.md)", file=sys.stderr)
+        return 1
     return 0 if doc["results"] or doc.get("skipped") else 1
 
 
 def _print_summary(doc: dict) -> None:
     print(f'{doc["device"]} | torch {doc["torch"]} | triton {doc["triton"]} | {doc["commit"]}')
     ok = sum(r["median_ms"] is not None for r in doc["results"])
-    print(f'{ok}/{len(doc["results"])} measurements, {len(doc.get("failures", []))} failed, '
-          f'{len(doc.get("skipped", []))} workloads skipped')
+    wrong = sum(r.get("correct") is False for r in doc["results"])
+    print(f'{ok}/{len(doc["results"])} measurements, {len(doc.get("failures", []))} failed '
+          f'({wrong} with a WRONG result), {len(doc.get("skipped", []))} workloads skipped')
     for r in doc["ratios"]:
         e, c = r["speedup_vs_eager"], r["speedup_vs_compile"]
         print(f'  {r["op"]:<24} {r["mode"]:<17} {r["shape"]:<44} '
