@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,83 @@ TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing pieces, corrupt, or not a cplfast checkpoint."""
+
+
+# temporary names of atomic writes: ".<name>.tmp<pid>" (checkpoints) and ".<stem>.tmp<pid><suffix>" (images)
+_TEMP_NAME = re.compile(r"^\..+\.tmp(\d+)(\.[A-Za-z0-9]+)?$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process has no write in flight when it cleans up
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed atomic writes left in ``folder`` (those whose writing
+    process is gone); returns the removed paths."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if match and entry.is_file() and not _pid_alive(int(match.group(1))):
+            try:
+                entry.unlink()
+                removed.append(entry)
+            except OSError:
+                pass
+    return removed
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` naming the first floating-point tensor that holds NaN or Inf."""
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{source}: weight {name!r} holds {bad} non-finite value(s) (NaN/Inf) of {value.numel()}; "
+                    "the checkpoint is corrupt or its training diverged, and would restore garbage")
+
+
+def _names(keys: list[str], limit: int) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def describe_mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], limit: int = 8) -> str | None:
+    """Why ``got`` does not load into a model whose state_dict is ``expected`` (None when it does):
+    missing keys, unexpected keys and shape mismatches, each with the first ``limit`` names."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = [f"{k} {tuple(got[k].shape)} vs {tuple(expected[k].shape)}" for k in sorted(set(expected) & set(got))
+              if tuple(got[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {_names(missing, limit)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {_names(unexpected, limit)}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es) (file vs model): {_names(shapes, limit)}")
+    return "; ".join(parts) or None
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """``model.load_state_dict(state, strict=True)`` with a full one-line :class:`CheckpointError` listing
+    the first missing / unexpected / mis-shaped keys, and non-finite weights refused."""
+    problem = describe_mismatch(model.state_dict(), state)
+    if problem:
+        raise CheckpointError(f"{source}: the weights do not fit the model: {problem}")
+    check_finite(state, source)
+    model.load_state_dict(state, strict=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -135,6 +213,7 @@ def load_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise CheckpointError(f"{path} is a training state (for --resume), not a model; use {MODEL_FILE} of the run")
     if meta.get("kind") != "model" or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{path} is not a cplfast model checkpoint (no model config)")
+    check_finite(tensors, path)
     return tensors, meta["config"]
 
 
@@ -166,6 +245,6 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, 
 
 __all__ = [
     "CONFIG_FILE", "CheckpointError", "MODEL_FILE", "STATE_FILE", "atomic_write_bytes", "atomic_write_json",
-    "flatten_optimizer_state", "load_model_file", "load_tensors", "resolve_checkpoint",
-    "save_model", "save_tensors", "unflatten_optimizer_state",
+    "check_finite", "describe_mismatch", "flatten_optimizer_state", "load_model_file", "load_tensors", "load_weights",
+    "remove_stale_temp_files", "resolve_checkpoint", "save_model", "save_tensors", "unflatten_optimizer_state",
 ]

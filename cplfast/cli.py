@@ -1,8 +1,9 @@
 """The ``cplfast`` command line: ``demo``, ``train``, ``eval``, ``restore``, ``export``, ``bench``.
 
 Each sub-command lives in ``cplfast.commands.<name>`` and provides ``add_arguments(parser)`` and
-``run(args) -> int``. Expected failures (bad paths, corrupt files, missing optional packages) are
-reported as one line on stderr with a non-zero exit code, never a traceback.
+``run(args) -> int``. Expected failures (bad paths, corrupt files, missing optional packages, operating-
+system errors such as a read-only folder or a full disk, running out of memory, a diverged training) are
+reported as one line on stderr with a non-zero exit code, never a traceback. ``cplfast --version``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ def _load(name: str):
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="cplfast", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cplfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = None
     if argv:
@@ -60,12 +64,49 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (CommandError, FileNotFoundError, IsADirectoryError, PermissionError, ValueError, TypeError) as err:
-        print(f"cplfast {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"cplfast {args.command}: interrupted", file=sys.stderr)
+    except (CommandError, ValueError, TypeError) as err:
+        return _fail(args.command, str(err))
+    except OSError as err:
+        return _fail(args.command, os_error_message(err))
+    except MemoryError as err:
+        return _fail(args.command, str(err) or "out of memory; for restore/eval pass --tile 512 (or smaller)")
+    except RuntimeError as err:
+        text = str(err).strip()
+        if text.startswith("training diverged"):
+            return _fail(args.command, f"{text.splitlines()[0]}; lower --lr (e.g. by 10x) or keep --grad-clip on")
+        if _is_out_of_memory(err):
+            return _fail(args.command, f"out of memory ({text.splitlines()[0][:120] if text else type(err).__name__}); "
+                                       "restore in tiles with --tile 512 (or smaller), or use a smaller --batch")
+        raise
+    except KeyboardInterrupt as interrupt:
+        saved = getattr(interrupt, "cplfast_checkpoint", None)
+        if saved is not None:
+            step, folder = saved
+            print(f"cplfast {args.command}: interrupted; saved a checkpoint at step {step} in {folder} "
+                  f"(continue with: cplfast train --resume {folder})", file=sys.stderr)
+        else:
+            print(f"cplfast {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(command: str, message: str) -> int:
+    text = " ".join(message.split()) if "\n" in message else message
+    print(f"cplfast {command}: error: {text}", file=sys.stderr)
+    return 2
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    oom = getattr(__import__("torch"), "OutOfMemoryError", None)
+    return (oom is not None and isinstance(err, oom)) or "out of memory" in str(err)[:200].lower() \
+        or "DefaultCPUAllocator: can't allocate memory" in str(err)[:300]
+
+
+def os_error_message(err: OSError) -> str:
+    """One line for an operating-system error: ``<what>: <file>`` (e.g. "No space left on device: out.png")."""
+    if err.errno is not None and err.strerror:
+        names = [n for n in (err.filename, err.filename2) if n]
+        return err.strerror + (": " + " -> ".join(str(n) for n in names) if names else "")
+    return str(err) or type(err).__name__
 
 
 if __name__ == "__main__":

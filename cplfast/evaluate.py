@@ -49,6 +49,7 @@ class EvalResult:
     # task -> routing key -> share of the task's images whose largest routing weight is each prompt (N,)
     selection: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     examples: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # task -> input/output/target
+    interrupted: bool = False  # Ctrl-C stopped the evaluation: the rows cover the images scored before it
 
     def mean(self) -> TaskScores:
         n = len(self.rows)
@@ -115,36 +116,42 @@ def evaluate(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(dataset), desc="eval", unit="img", dynamic_ncols=True)
-    for group in _batches(dataset, batch_size):
-        x = torch.stack([g["input"] for g in group]).to(device)
-        y = torch.stack([g["target"] for g in group]).to(device)
-        labels = [int(g["task"]) for g in group]
-        out, routing = model.restore(x, tile=tile, overlap=overlap)
-        out = out.float().clamp(0, 1)
-        scores = [
-            psnr(x, y, channel=channel, crop_border=crop_border), psnr(out, y, channel=channel, crop_border=crop_border),
-            ssim(x, y, channel=channel, crop_border=crop_border), ssim(out, y, channel=channel, crop_border=crop_border),
-        ]
-        for i, t in enumerate(labels):
-            acc = sums.setdefault(t, [0.0, 0.0, 0.0, 0.0, 0.0])
-            acc[0] += 1
-            for j in range(4):
-                acc[j + 1] += _finite(float(scores[j][i]))
-            per_task = routing_sums.setdefault(t, {})
-            chosen = selection_sums.setdefault(t, {})
-            for key, value in (routing or {}).items():
-                row = value[i].detach().float().cpu()
-                per_task[key] = per_task.get(key, torch.zeros_like(row)) + row
-                chosen[key] = chosen.get(key, torch.zeros_like(row))
-                chosen[key][int(row.argmax())] += 1
-            name = tasks[t] if t < len(tasks) else str(t)
-            ex = examples.setdefault(name, {"input": [], "output": [], "target": []})
-            if len(ex["input"]) < keep_examples:
-                ex["input"].append(x[i].cpu())
-                ex["output"].append(out[i].cpu())
-                ex["target"].append(y[i].cpu())
-        if bar is not None:
-            bar.update(len(group))
+    interrupted = False
+    try:
+        for group in _batches(dataset, batch_size):
+            x = torch.stack([g["input"] for g in group]).to(device)
+            y = torch.stack([g["target"] for g in group]).to(device)
+            labels = [int(g["task"]) for g in group]
+            out, routing = model.restore(x, tile=tile, overlap=overlap)
+            out = out.float().clamp(0, 1)
+            scores = [
+                psnr(x, y, channel=channel, crop_border=crop_border), psnr(out, y, channel=channel, crop_border=crop_border),
+                ssim(x, y, channel=channel, crop_border=crop_border), ssim(out, y, channel=channel, crop_border=crop_border),
+            ]
+            for i, t in enumerate(labels):
+                acc = sums.setdefault(t, [0.0, 0.0, 0.0, 0.0, 0.0])
+                acc[0] += 1
+                for j in range(4):
+                    acc[j + 1] += _finite(float(scores[j][i]))
+                per_task = routing_sums.setdefault(t, {})
+                chosen = selection_sums.setdefault(t, {})
+                for key, value in (routing or {}).items():
+                    row = value[i].detach().float().cpu()
+                    per_task[key] = per_task.get(key, torch.zeros_like(row)) + row
+                    chosen[key] = chosen.get(key, torch.zeros_like(row))
+                    chosen[key][int(row.argmax())] += 1
+                name = tasks[t] if t < len(tasks) else str(t)
+                ex = examples.setdefault(name, {"input": [], "output": [], "target": []})
+                if len(ex["input"]) < keep_examples:
+                    ex["input"].append(x[i].cpu())
+                    ex["output"].append(out[i].cpu())
+                    ex["target"].append(y[i].cpu())
+            if bar is not None:
+                bar.update(len(group))
+    except KeyboardInterrupt:
+        if not sums:
+            raise
+        interrupted = True  # the images scored so far are still a result
     if bar is not None:
         bar.close()
     if not sums:
@@ -158,7 +165,7 @@ def evaluate(
         routing_means[name] = {k: v / n for k, v in routing_sums[t].items()}
         selection[name] = {k: v / n for k, v in selection_sums[t].items()}
     kept = {k: {kk: torch.stack(vv) for kk, vv in v.items()} for k, v in examples.items() if v["input"]}
-    return EvalResult(rows, channel, crop_border, routing_means, selection, kept)
+    return EvalResult(rows, channel, crop_border, routing_means, selection, kept, interrupted)
 
 
 @torch.no_grad()

@@ -22,16 +22,34 @@ _MIN_TRACE_SIZE = 2
 
 
 class ImageModel(nn.Module):
-    """``x (B,C,H,W) -> (B,C',H,W)``: the first output of ``model(x)`` (models may return extras)."""
+    """``x (B,C,H,W) -> (B,C',H,W)``: the first output of ``model(x)`` (models may return extras).
 
-    def __init__(self, model: nn.Module):
+    With ``size_multiple = m > 1`` the graph itself pads the bottom/right of ``x`` to the next multiple of
+    ``m`` (edge replication, valid for any size; ``model.restore`` reflects when the image allows it, so
+    the two agree exactly on sizes that are multiples of ``m``) and crops the output back, so the exported
+    artifact takes any H x W.
+    """
+
+    def __init__(self, model: nn.Module, size_multiple: int = 1):
         super().__init__()
         self.model = model
+        self.size_multiple = int(size_multiple)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.size_multiple
+        h, w = x.shape[-2], x.shape[-1]
+        if m > 1:
+            # edge replication as a gather of clamped indices: no branch on the pad amount, so the graph
+            # stays valid for every H, W
+            # at least two multiples: torch.export specialises a dimension that could be 1
+            rows = torch.arange(torch.sym_max((h + m - 1) // m, 2) * m, device=x.device).clamp(max=h - 1)
+            cols = torch.arange(torch.sym_max((w + m - 1) // m, 2) * m, device=x.device).clamp(max=w - 1)
+            x = x.index_select(2, rows).index_select(3, cols)
         out = self.model(x)
         if isinstance(out, (tuple, list)):
             out = out[0]
+        if m > 1:  # crop back, again by index (a slice would make the export branch on the pad)
+            out = out.index_select(2, torch.arange(h, device=out.device)).index_select(3, torch.arange(w, device=out.device))
         return out
 
 
@@ -68,29 +86,36 @@ def check_size_multiple(size_multiple: object) -> int:
 
 def trace_size(example_size: Sequence[int], *, dynamic: bool, size_multiple: int) -> tuple[int, int, int, int]:
     """The input shape used for tracing: ``example_size`` with dynamic dims lifted off the 0/1 values
-    torch.export would specialise, and H/W rounded up to ``size_multiple``."""
+    torch.export would specialise (the graph pads H/W to ``size_multiple`` itself, so any size traces)."""
     b, c, h, w = check_example_size(example_size)
     if not dynamic:
         return b, c, h, w
-
-    def spatial(v: int) -> int:
-        v = max(v, _MIN_TRACE_SIZE)
-        v = -(-v // size_multiple) * size_multiple
-        return v if v // size_multiple >= _MIN_TRACE_SIZE else size_multiple * _MIN_TRACE_SIZE
-
-    return max(b, _MIN_TRACE_SIZE), c, spatial(h), spatial(w)
+    return max(b, _MIN_TRACE_SIZE), c, max(h, _MIN_TRACE_SIZE), max(w, _MIN_TRACE_SIZE)
 
 
-def dynamic_shapes(*, size_multiple: int):
-    """``dynamic_shapes`` for ``forward(x)``: batch, height and width free (H, W multiples of ``size_multiple``)."""
+def dynamic_shapes(*, size_multiple: int = 1):
+    """``dynamic_shapes`` for ``forward(x)``: batch, height and width free (any H, W: the graph pads to
+    ``size_multiple`` itself)."""
     Dim = torch.export.Dim
-    batch = Dim("batch", min=1)
-    if size_multiple == 1:
-        height, width = Dim("height", min=1), Dim("width", min=1)
-    else:
-        height = size_multiple * Dim("height_blocks", min=1)
-        width = size_multiple * Dim("width_blocks", min=1)
-    return ({0: batch, 2: height, 3: width},)
+    return ({0: Dim("batch", min=1), 2: Dim("height", min=1), 3: Dim("width", min=1)},)
+
+
+@contextlib.contextmanager
+def quiet_exporter():
+    """Silence the third-party noise of a normal export: the ONNX exporter logs one "torchvision is not
+    installed. Skipping torchvision::..." warning per torchvision op, and torch's pytree warns a
+    FutureWarning about ``LeafSpec``; neither concerns the exported model."""
+    import logging
+
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -130,7 +155,7 @@ def export_program(
         device = first.device if first is not None else torch.device("cpu")
     size = trace_size(example_size, dynamic=dynamic, size_multiple=size_multiple)
     example = torch.randn(size, device=device, dtype=dtype)
-    wrapped = ImageModel(model)
+    wrapped = ImageModel(model, size_multiple)
     shapes = dynamic_shapes(size_multiple=size_multiple) if dynamic else None
     with export_mode(model):
         try:
@@ -140,7 +165,8 @@ def export_program(
                 raise RuntimeError(
                     "the model's forward constrains the input size in a way the dynamic export cannot "
                     f"express with size_multiple={size_multiple} (torch.export: {_first_line(err)}); "
-                    "pass size_multiple=8 (inputs padded to multiples of 8 by the caller) or dynamic=False"
+                    "pass the multiple of H and W the model needs as size_multiple (the graph pads to it), "
+                    "or dynamic=False"
                 ) from err
             raise
 

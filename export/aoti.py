@@ -5,8 +5,8 @@ with :func:`load_aoti` (``torch._inductor.aoti_load_package``) in any process wi
 version, no cplfast or model code needed. It is compiled for the device the model's parameters are on
 (CPU or CUDA) and runs there.
 
-Dynamic sizes: any batch, and H, W multiples of ``size_multiple`` (8 for the PromptIR family: three
-2x downsamplings).
+Dynamic sizes: any batch and any H, W: the graph pads H, W to a multiple of ``size_multiple`` (8 for
+the PromptIR family: three 2x downsamplings) and crops the output back.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ def to_aoti(
 ) -> Path:
     """Compile ``model`` (``x (B,C,H,W) -> (B,C',H,W)``) with AOTInductor into the package ``path`` (``.pt2``).
 
-    ``dynamic=True``: batch, height and width are dynamic (H, W multiples of ``size_multiple``; default:
-    8 for cplfast's PromptIR models, a ``size_multiple`` attribute of the model, else 1);
+    ``dynamic=True``: batch, height and width are dynamic, any size (the graph pads H, W to a multiple of
+    ``size_multiple`` and crops back; default: 8 for cplfast's PromptIR models, a ``size_multiple``
+    attribute of the model, else 1);
     ``dynamic=False``: the package runs ``example_size`` only. ``device``: where the package runs
     (default: the device of the model's parameters); a copy of the model is moved there if needed.
     ``inductor_configs``: options for ``aoti_compile_and_package`` (e.g.
@@ -59,9 +60,10 @@ def to_aoti(
     if target != current or dtype != torch.float32:
         model = copy.deepcopy(model).to(device=target, dtype=dtype)  # the caller's model stays as it is
     path.parent.mkdir(parents=True, exist_ok=True)
-    program = _tracing.export_program(
-        model, example_size, dynamic=dynamic, size_multiple=size_multiple, device=target, dtype=dtype
-    )
+    with _tracing.quiet_exporter():
+        program = _tracing.export_program(
+            model, example_size, dynamic=dynamic, size_multiple=size_multiple, device=target, dtype=dtype
+        )
     from torch._inductor import aoti_compile_and_package
 
     # Compile into a temporary name, then move: a failed compile never leaves a half-written package.

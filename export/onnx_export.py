@@ -117,13 +117,27 @@ def _metadata(model: nn.Module, *, size_multiple: int, dynamic: bool) -> dict[st
         "producer": "cplfast",
         "layout": "NCHW",
         "dynamic_axes": "batch,height,width" if dynamic else "none",
-        "size_multiple": str(size_multiple),
+        "size_multiple": str(size_multiple),  # H, W are padded to it inside the graph: any size runs
     }
     for attribute, key in (("prompt_type", "prompt"), ("preset", "preset")):
         value = getattr(model, attribute, None)
         if isinstance(value, str):
             meta[f"cplfast.{key}"] = value
     return meta
+
+
+def _export_onnx(program, opset: int):
+    return torch.onnx.export(
+        program,
+        f=None,
+        dynamo=True,
+        opset_version=opset,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        custom_translation_table={torch.ops.aten.sort.stable: _sort_as_topk(opset)},
+        optimize=True,
+        verbose=False,
+    )
 
 
 def to_onnx(
@@ -139,9 +153,10 @@ def to_onnx(
 ) -> Path:
     """Export ``model`` (``x (B,C,H,W) -> (B,C',H,W)``) to an ONNX file and return its path.
 
-    - ``dynamic=True``: batch, height and width are free (named ``batch``/``height``/``width``); with
-      ``size_multiple=m > 1`` H and W must be multiples of m (default: 8 for cplfast's PromptIR models,
-      a ``size_multiple`` attribute of the model if it has one, else 1). ``dynamic=False`` fixes
+    - ``dynamic=True``: batch, height and width are free (named ``batch``/``height``/``width``), any
+      size: the graph pads H and W to a multiple of ``size_multiple`` (edge replication, at least two
+      multiples) and crops the output back (``size_multiple``: 8 for cplfast's PromptIR models, a
+      ``size_multiple`` attribute of the model if it has one, else 1). ``dynamic=False`` fixes
       ``example_size``.
     - The graph holds standard ONNX operators only (fused ops run their PyTorch reference while
       tracing). Input ``"input"``, output ``"output"``.
@@ -165,20 +180,11 @@ def to_onnx(
         size_multiple = _tracing.default_size_multiple(model)
     if dtype != torch.float32:
         model = copy.deepcopy(model).to(dtype)  # never cast the caller's model in place
-    program = _tracing.export_program(
-        model, example_size, dynamic=dynamic, size_multiple=size_multiple, dtype=dtype
-    )
-    onnx_program = torch.onnx.export(
-        program,
-        f=None,
-        dynamo=True,
-        opset_version=opset,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        custom_translation_table={torch.ops.aten.sort.stable: _sort_as_topk(opset)},
-        optimize=True,
-        verbose=False,
-    )
+    with _tracing.quiet_exporter():
+        program = _tracing.export_program(
+            model, example_size, dynamic=dynamic, size_multiple=size_multiple, dtype=dtype
+        )
+        onnx_program = _export_onnx(program, opset)
     external = _parameter_bytes(model) > _PROTOBUF_LIMIT
     # Write next to the target and rename at the end: a failed export never leaves a half file.
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnx-") as tmp:

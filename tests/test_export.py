@@ -497,6 +497,60 @@ def test_tensorrt_engine_build_and_run(standin, standin_onnx, tmp_path, precisio
         TensorRTRunner(bad)
 
 
+# ----------------------------------------------------------------------------- any size (issue 18)
+class NeedsMultipleOf8(nn.Module):
+    """A model that only runs on H, W multiples of 8 (8x8 pixel blocks mixed by a 1x1 conv), as PromptIR."""
+
+    size_multiple = 8
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Conv2d(3 * 64, 3 * 64, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.pixel_shuffle(self.mix(F.pixel_unshuffle(x, 8)), 8)
+
+
+def _edge_padded(model, x: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    hp, wp = max(-(-h // multiple), 2) * multiple, max(-(-w // multiple), 2) * multiple
+    with torch.no_grad():
+        return model(F.pad(x, (0, wp - w, 0, hp - h), mode="replicate"))[..., :h, :w]
+
+
+def test_onnx_takes_any_size_and_exports_without_third_party_warnings(tmp_path, recwarn, caplog):
+    """Old: sides had to be multiples of 8 (onnxruntime failed in a Reshape at 100x100); the export printed
+    torchvision "Skipping" warnings and a FutureWarning."""
+    torch.manual_seed(0)
+    model = NeedsMultipleOf8().eval()
+    caplog.set_level("WARNING")
+    path = to_onnx(model, tmp_path / "m8.onnx", example_size=(1, 3, 20, 28))
+    assert not [str(w.message) for w in recwarn.list]
+    assert not [r.getMessage() for r in caplog.records]
+    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}["size_multiple"] == "8"
+    for shape in [(1, 3, 100, 100), (2, 3, 37, 61), (1, 3, 64, 64), (1, 3, 5, 3)]:
+        x = torch.rand(shape)
+        got = _run_onnx(path, x)
+        assert got.shape == shape
+        assert np.abs(got - _edge_padded(model, x).numpy()).max() <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_aoti_takes_any_size(tmp_path):
+    """Old: the AOTI package silently cropped 100x100 to 96x96."""
+    from cplfast.export import load_aoti, to_aoti
+    from cplfast.models import PromptIR
+
+    torch.manual_seed(0)
+    model = PromptIR(prompt="cpl", preset="tiny").eval()
+    runner = load_aoti(to_aoti(model, tmp_path / "cpl.pt2", example_size=(1, 3, 64, 64)))
+    for shape in [(1, 3, 100, 100), (1, 3, 37, 61)]:
+        x = torch.rand(shape)
+        got = runner(x)
+        assert tuple(got.shape) == shape
+        assert (got - _edge_padded(model, x)).abs().max().item() <= TOLERANCE
+
+
 # ----------------------------------------------------------------------------- acceptance on the real models (slow)
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["promptir", "cpl", "pip", "dppd"])
@@ -513,6 +567,9 @@ def test_tiny_model_onnx_parity_and_tensorrt_ops(variant, tmp_path):
         with torch.no_grad():
             expected = model(x).numpy()
         assert np.abs(_run_onnx(path, x) - expected).max() <= TOLERANCE
+    for shape in [(1, 3, 100, 100), (1, 3, 37, 61)]:  # any size: padded to 8 inside the graph
+        x = torch.rand(shape)
+        assert np.abs(_run_onnx(path, x) - _edge_padded(model, x).numpy()).max() <= TOLERANCE
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ._common import add_device_arguments, positive_int, setup_device
+from ._common import add_device_arguments, positive_int, setup_device, writable_folder
 
 # On a busy CPU the training goes past the budget up to min_steps, but never past time_limit.
 CPU_SETTINGS = dict(patch=32, batch=8, lr=3e-3, steps=2000, time_budget=180.0, min_steps=300, time_limit=1.5 * 180.0)
@@ -57,9 +57,7 @@ def run(args: argparse.Namespace) -> int:
         settings["time_limit"] = 1.5 * args.time_budget if settings["min_steps"] else None
     if args.steps is not None:
         settings["steps"] = args.steps
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out must be a folder, got a file: {out}")
+    out = writable_folder(args.out, "--out")  # checked before minutes of training, not at the first save
     config = TrainConfig(
         preset="tiny", prompt="cpl", tasks=TASKS, num_negatives=1, cpr_weight=0.05, warmup=0.03, min_lr=1e-5,
         ema=0.995, grad_clip=1.0, save_every=0, zero_init_output=True, seed=args.seed, device=str(device), **settings,

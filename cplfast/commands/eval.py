@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..cli import CommandError
-from ._common import add_device_arguments, setup_device, tasks_argument
+from ._common import add_device_arguments, setup_device, tasks_argument, writable_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,18 +33,26 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate, format_table, write_tables
     from ..train import inference_model
 
+    from ..data.datasets import validate_dataset
+
     if args.crop_border < 0:
         raise CommandError(f"--crop-border must be >= 0, got {args.crop_border}")
     device = setup_device(args)
     path = resolve_checkpoint(args.checkpoint)
+    out = writable_folder(Path(args.out) if args.out else path.parent, "--out")  # before the long work
     model, config = inference_model(path, device)
     tasks = tuple(args.tasks or config.get("tasks") or TASKS)
+    skipped = []
     if args.data is None:
         dataset = embedded_eval_dataset(tasks, seed=args.seed)
         source = "held-out crops of the embedded photographs"
     else:
         dataset = folder_dataset(args.data, patch=None, seed=args.seed, tasks=tasks)
         source = str(args.data)
+        # every file decoded (and big enough for SSIM's 7x7 window after cropping) before scoring starts
+        skipped = validate_dataset(dataset, min_side=7 + 2 * args.crop_border)
+        for bad, reason in skipped:
+            print(f"skipping {bad}: {reason}", file=sys.stderr, flush=True)
     if len(dataset) == 0:
         raise CommandError(f"no images to evaluate in {source}")
     print(f"evaluating {path} on {source} ({len(dataset)} images, {args.channel.upper()})", flush=True)
@@ -54,3 +63,11 @@ def run(args: argparse.Namespace) -> int:
     md, cs = write_tables(result, out, stem=f"eval_{args.channel}")
     print(f"wrote {md} and {cs}")
     return 0
+    if result.interrupted:
+        print(f"cplfast eval: interrupted; the tables cover the {sum(r.count for r in result.rows)} image(s) scored "
+              "before it", file=sys.stderr)
+        return 130
+    if skipped:
+        print(f"evaluated {sum(r.count for r in result.rows)} image(s); skipped {len(skipped)} file(s): "
+              + "; ".join(f"{p.name}: {r}" for p, r in skipped[:5]), file=sys.stderr)
+        return 1

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from ..cli import CommandError
-from ._common import add_device_arguments, setup_device
+from ._common import add_device_arguments, setup_device, writable_folder
 
 FORMATS = ("onnx", "tensorrt", "aoti", "triton-repo")
 PROMPTS = ("promptir", "cpl", "pip", "dppd", "none")
@@ -205,6 +205,9 @@ def run(args) -> int:
 
     _check_arguments(args)
     _check_dependencies(args)
+    out_path: Path = args.output
+    is_file = args.format != "triton-repo" and out_path.suffix in (".onnx", ".plan", ".engine", ".trt", ".pt2")
+    writable_folder(out_path.parent if is_file else out_path, "-o")  # before the slow export, not after it
     device = setup_device(args)
     model = _load_model(args, device)
     out: Path = args.output

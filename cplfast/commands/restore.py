@@ -1,16 +1,35 @@
 """``cplfast restore IN -o OUT --checkpoint C``: restore an image or a folder of images.
 
-For every image it prints which prompt each prompt module selected (its routing weight) and, when
-the checkpoint records the mean routing of its training degradations, the closest one.
+Safe with originals: an output that resolves to an input (``-o`` = ``IN``, or a folder restored into
+itself) is refused unless ``--overwrite``; every file is written to a temporary name and renamed;
+``--skip-existing`` leaves outputs that exist alone; ``--suffix`` names outputs ``<stem><suffix><ext>``;
+``--recursive`` restores sub-folders into the same tree under ``OUT``.
+
+Keeps what the image is (see :mod:`cplfast.data.io`): alpha, 16-bit depth, greyscale, ICC profile and
+EXIF (orientation applied on read), the JPEG quality of the input (or ``--quality``), and the format
+(unless the output's extension names another).
+
+Finishes the batch: every input is decoded and the output folders are checked for writing before the
+model loads; a bad input is reported and skipped; a summary ends the run and the exit status is 1 when
+any image was skipped. For every image it prints which prompt each prompt module selected (its routing
+weight) and, when the checkpoint records the mean routing of its training degradations, the closest one.
+
+Options: ``--tile`` (memory-bounded tiled restore), ``--fp16`` (CUDA), ``--tta`` (mean over the 8
+flips/rotations), ``--task`` (force the routing of one degradation where the variant has routing).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..cli import CommandError
-from ._common import add_device_arguments, setup_device
+from ._common import add_device_arguments, setup_device, writable_folder
+
+TASK_CHOICES = ("noise", "rain", "haze", "blur", "lowlight")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,8 +37,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
                         help="output file (for one image) or folder (for a folder, or an existing folder)")
     parser.add_argument("--checkpoint", required=True, help="model.safetensors, its run folder, or an official PromptIR .ckpt/.pth")
-    parser.add_argument("--tile", type=int, default=None, help="restore in tiles of this size (a multiple of 8) to save memory")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="restore in tiles of this size (a multiple of 8): bounded memory, for large images")
     parser.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default: 32)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow outputs that replace their input files (default: refused)")
+    parser.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist alone")
+    parser.add_argument("--suffix", default="", help="output names are <stem><suffix><ext> (e.g. _restored)")
+    parser.add_argument("-r", "--recursive", action="store_true",
+                        help="also restore images in sub-folders of IN, mirrored under OUT")
+    parser.add_argument("--quality", type=int, default=None,
+                        help="JPEG/WebP quality 1-100 (default: the input JPEG's estimated quality, else 95)")
+    parser.add_argument("--fp16", action="store_true", help="run the model in float16 (CUDA only)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the restorations of the 8 flips/rotations (8x slower)")
+    parser.add_argument("--task", choices=TASK_CHOICES, default=None,
+                        help="force the routing of this degradation instead of the model's own choice "
+                             "(pip/dppd: the task's prompt; promptir/cpl: the checkpoint's routing profile of that task)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_device_arguments(parser)
 
 
@@ -46,41 +81,199 @@ def describe_routing(routing: dict, config: dict, index: int = 0) -> str:
     return text
 
 
-def _plan(src: Path, dst: Path) -> list[tuple[Path, Path]]:
+@dataclass
+class Job:
+    src: Path
+    dst: Path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and a.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def _named(path: Path, suffix: str) -> str:
+    return f"{path.stem}{suffix}{path.suffix}"
+
+
+def plan(src: Path, dst: Path, *, suffix: str = "", recursive: bool = False, overwrite: bool = False) -> list[Job]:
+    """The (input, output) pairs of a restore, refusing outputs that would replace an input."""
     from ..data.io import is_image_file, list_images
 
     if not src.exists():
         raise FileNotFoundError(f"no such file or folder: {src}")
     if src.is_dir():
-        files = list_images(src)
-        if not files:
-            raise CommandError(f"no images in {src}")
         if dst.exists() and not dst.is_dir():
             raise CommandError(f"the output for a folder must be a folder, got a file: {dst}")
-        return [(f, dst / f.name) for f in files]
-    if dst.is_dir() or str(dst).endswith(("/", "\\")):
-        return [(src, dst / src.name)]
-    if not is_image_file(dst):
-        raise CommandError(f"output {dst} needs an image extension (.png, .jpg, ...)")
-    return [(src, dst)]
+        files = list_images(src, recursive=recursive)
+        if recursive and dst.resolve().is_relative_to(src.resolve()) and dst.resolve() != src.resolve():
+            # outputs of an earlier run into a sub-folder of IN are not inputs
+            files = [f for f in files if not f.resolve().is_relative_to(dst.resolve())]
+        if not files:
+            raise CommandError(f"no images in {src}" + ("" if recursive else " (use --recursive for sub-folders)"))
+        jobs = [Job(f, dst / f.relative_to(src).parent / _named(f, suffix)) for f in files]
+    elif dst.is_dir() or str(dst).endswith(("/", "\\")):
+        jobs = [Job(src, dst / _named(src, suffix))]
+    else:
+        if not is_image_file(dst):
+            raise CommandError(f"output {dst} needs an image extension (.png, .jpg, ...)")
+        jobs = [Job(src, dst)]
+    if not overwrite:
+        for job in jobs:
+            if _same_file(job.src, job.dst):
+                what = "the folder into itself" if src.is_dir() else "the output onto its input"
+                raise CommandError(f"refusing to restore {what}: {job.dst} would replace the original; pick another "
+                                   "-o or a --suffix, or pass --overwrite to replace the originals")
+    return jobs
+
+
+def task_routing(model, config: dict, task: str):
+    """Forced routing ``{key: (1, N)}`` that makes ``model`` restore degradation ``task``.
+
+    pip / dppd: the one-hot weight of the task among the checkpoint's tasks. promptir / cpl: the
+    checkpoint's mean routing of that task (``routing_by_task``, recorded by ``cplfast train``/``demo``);
+    for cpl only the ``top_k`` largest weights are kept, as the router keeps them.
+    """
+    import torch
+
+    prompt = getattr(model, "prompt_type", None)
+    keys = tuple(getattr(model, "routing_keys", ()) or ())
+    param = next(model.parameters())
+
+    def pick(names) -> str | None:
+        names = list(names)
+        if task in names:
+            return task
+        return next((n for n in names if n.split("+")[0].rstrip("0123456789") == task), None)
+
+    if prompt in ("pip", "dppd"):
+        tasks = list(config.get("tasks") or [])
+        name = pick(tasks)
+        if name is None:
+            raise CommandError(f"--task {task}: this checkpoint was trained on {', '.join(tasks) or 'no named tasks'}")
+        width = model.config.num_degradations
+        weights = torch.zeros(1, width, device=param.device, dtype=torch.float32)
+        weights[0, tasks.index(name)] = 1.0
+        return {key: weights for key in keys}
+    if prompt in ("promptir", "cpl"):
+        profile = config.get("routing_by_task") or {}
+        name = pick(profile)
+        if name is None:
+            have = f"it has {', '.join(profile)}" if profile else "it records no routing per degradation (official " \
+                "checkpoints do not; cplfast train/demo checkpoints do)"
+            raise CommandError(f"--task {task}: this checkpoint has no routing profile for {task}; {have}")
+        routing = {}
+        for key, values in profile[name].items():
+            if key not in keys:
+                continue
+            w = torch.tensor(values, dtype=torch.float32, device=param.device).clamp_min(0)
+            module = getattr(model, key, None)
+            k = getattr(module, "top_k", None)
+            if prompt == "cpl" and k:
+                kept = torch.sort(w, descending=True, stable=True).indices[:k]
+                w = torch.zeros_like(w).scatter(0, kept, w[kept])
+                if getattr(module, "renorm", False):
+                    w = w / w.sum().clamp_min(1e-12)
+            routing[key] = w[None]
+        return routing
+    raise CommandError(f"--task needs a variant with prompt routing (promptir, cpl, pip, dppd); this model has "
+                       f"prompt={prompt!r}")
+
+
+def _validate(jobs: list[Job]) -> tuple[list[Job], list[tuple[Path, str]]]:
+    from ..data.io import check_image_file, output_format
+
+    good, bad = [], []
+    for job in jobs:
+        try:
+            output_format(job.dst)
+        except ValueError as err:
+            bad.append((job.src, str(err)))
+            continue
+        reason = check_image_file(job.src)
+        if reason is None:
+            good.append(job)
+        else:
+            bad.append((job.src, reason))
+    return good, bad
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.io import load_image, save_image
+    import torch
+
+    from ..data.io import read_image, write_image
+    from ..models.inference import NotEnoughMemoryError, restore, restore_tta
     from ..train import inference_model
 
     if args.tile is not None and (args.tile < 8 or args.tile % 8):
         raise CommandError(f"--tile must be a positive multiple of 8, got {args.tile}")
     if args.overlap < 0 or (args.tile is not None and args.overlap >= args.tile):
         raise CommandError(f"--overlap must be in [0, tile), got {args.overlap}")
-    jobs = _plan(Path(args.input), Path(args.output))
-    # read the first image before loading the model, so a bad input fails fast
-    first = load_image(jobs[0][0])
-    device = setup_device(args)
-    model, config = inference_model(args.checkpoint, device)
-    for i, (src, dst) in enumerate(jobs):
-        image = first if i == 0 else load_image(src)
-        out, routing = model.restore(image.to(device), tile=args.tile, overlap=args.overlap)
-        save_image(out.float().clamp(0, 1).cpu(), dst)
-        print(f"{src} -> {dst}  [{describe_routing(routing, config)}]", flush=True)
-    return 0
+    if args.quality is not None and not 1 <= args.quality <= 100:
+        raise CommandError(f"--quality must be in [1, 100], got {args.quality}")
+    if any(sep in args.suffix for sep in ("/", "\\")):
+        raise CommandError(f"--suffix must not contain a path separator, got {args.suffix!r}")
+
+    jobs = plan(Path(args.input), Path(args.output), suffix=args.suffix, recursive=args.recursive,
+                overwrite=args.overwrite)
+    existing = [job for job in jobs if args.skip_existing and job.dst.exists()]
+    jobs = [job for job in jobs if job not in existing]
+    # everything that can fail before the long work: inputs decoded, output folders writable
+    jobs, skipped = _validate(jobs)
+    for src, reason in skipped:
+        print(f"skipping {src}: {reason}", file=sys.stderr, flush=True)
+    if not jobs and skipped and not existing:
+        raise CommandError(skipped[0][1] if len(skipped) == 1 else f"none of the {len(skipped)} inputs can be read")
+    for folder in sorted({job.dst.parent for job in jobs}):
+        writable_folder(folder, "the output folder")
+
+    done = 0
+    if jobs:
+        device = setup_device(args)
+        if args.fp16 and device.type != "cuda":
+            raise CommandError(f"--fp16 needs a CUDA device (got {device}); drop --fp16 on the CPU")
+        model, config = inference_model(args.checkpoint, device)
+        if args.fp16:
+            model = model.half()
+        forced = task_routing(model, config, args.task) if args.task else None
+        method = restore_tta if args.tta else restore
+        for k, job in enumerate(jobs):
+            try:
+                image, info = read_image(job.src)
+                out, routing = method(model, image.to(device), tile=args.tile, overlap=args.overlap, routing=forced,
+                                      progress=not args.quiet)
+            except (ValueError, NotEnoughMemoryError) as err:
+                skipped.append((job.src, str(err)))
+                print(f"skipping {job.src}: {err}", file=sys.stderr, flush=True)
+                continue
+            try:
+                write_image(out.float().clamp(0, 1).cpu(), job.dst, info, quality=args.quality)
+            except OSError as err:
+                from ..cli import os_error_message
+
+                if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                    left = len(jobs) - k
+                    raise CommandError(f"{os_error_message(err)} while writing {job.dst}; {done} image(s) restored, "
+                                       f"{left} not written (the original files are untouched)") from None
+                skipped.append((job.src, f"cannot write {job.dst}: {os_error_message(err)}"))
+                print(f"skipping {job.src}: cannot write {job.dst}: {os_error_message(err)}", file=sys.stderr, flush=True)
+                continue
+            done += 1
+            print(f"{job.src} -> {job.dst}  [{describe_routing(routing, config)}]", flush=True)
+            del out
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    total = done + len(skipped) + len(existing)
+    if total > 1 or skipped or existing:
+        line = f"restored {done} of {total} image(s)"
+        if existing:
+            line += f"; {len(existing)} already existed (--skip-existing)"
+        if skipped:
+            line += f"; skipped {len(skipped)}: " + "; ".join(f"{src.name}: {reason}" for src, reason in skipped[:5])
+            if len(skipped) > 5:
+                line += f"; ... ({len(skipped) - 5} more above)"
+        print(line, file=sys.stderr if skipped else sys.stdout, flush=True)
+    return 1 if skipped else 0

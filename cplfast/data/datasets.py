@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from .degradations import TASKS, degrade, derive_seed, parse_task
 from .embedded import embedded_images, eval_crop_boxes
-from .io import list_images, load_image
+from .io import check_image_file, list_images, load_image
 
 # Folder names of the PromptIR / AirNet trees (lower case) -> cplfast task names.
 TASK_FOLDERS = {
@@ -393,6 +393,79 @@ def folder_dataset(
             f"{root} holds no images, no input/+target/ pair folders and no PromptIR/AirNet task folders"
         )
     return DegradationDataset(clean, tuple(tasks or TASKS), patch=patch, seed=seed, augment=augment)
+
+
+def _validate_leaf(ds: Dataset, min_side: int) -> list[tuple[Path, str]]:
+    bad: list[tuple[Path, str]] = []
+    if isinstance(ds, PairedFolderDataset):
+        kept = []
+        for a, b in ds.pairs:
+            reason = check_image_file(a, min_side=min_side) or check_image_file(b, min_side=min_side)
+            if reason is None:
+                from .io import read_image
+
+                sa, sb = read_image(a)[0].shape, read_image(b)[0].shape
+                if sa != sb:
+                    reason = f"{a.name} is {tuple(sa[1:])} but its target {b.name} is {tuple(sb[1:])}"
+            if reason is None:
+                kept.append((a, b))
+            else:
+                bad.append((a, reason))
+        ds.pairs = kept
+    elif isinstance(ds, DegradationDataset):
+        src = ds.source
+        keep = []
+        for k, item in enumerate(src.items):
+            reason = None if isinstance(item, torch.Tensor) else check_image_file(item, min_side=min_side)
+            if reason is None:
+                keep.append(k)
+            else:
+                bad.append((Path(item), reason))
+        if len(keep) != len(src.items):
+            old = len(src.items)
+            src.items = [src.items[k] for k in keep]
+            src.names = [src.names[k] for k in keep]
+            src._cache.clear()
+            if ds.patch and ds.epoch_size == old * len(ds.tasks) * 100:
+                ds.epoch_size = len(src.items) * len(ds.tasks) * 100
+    return bad
+
+
+def _dataset_size(ds: Dataset) -> int:
+    if isinstance(ds, PairedFolderDataset):
+        return len(ds.pairs)
+    if isinstance(ds, DegradationDataset):
+        return len(ds.source.items)
+    return len(ds)
+
+
+def validate_dataset(dataset: Dataset, *, min_side: int = 1) -> list[tuple[Path, str]]:
+    """Decode every image file of a folder dataset once, before training or evaluation starts.
+
+    Unreadable images, images smaller than ``min_side`` pixels and mismatched pairs are removed from
+    ``dataset`` (in place) and returned as ``(path, reason)``; a ValueError if nothing usable is left.
+    """
+    bad: list[tuple[Path, str]] = []
+    if isinstance(dataset, TaskMixture):
+        sources = []
+        for t, ds in dataset.sources:
+            bad += _validate_leaf(ds, min_side)
+            if _dataset_size(ds):
+                sources.append((t, ds))
+        dataset.sources = sources
+        dataset._offsets, total = [], 0
+        for _, ds in sources:
+            dataset._offsets.append(total)
+            total += len(ds)
+        dataset._total = total
+        empty = not sources
+    else:
+        bad += _validate_leaf(dataset, min_side)
+        empty = _dataset_size(dataset) == 0
+    if empty:
+        first = f" (e.g. {bad[0][1]})" if bad else ""
+        raise ValueError(f"no usable images left after skipping {len(bad)} bad file(s){first}")
+    return bad
 
 
 def embedded_train_dataset(tasks: Sequence[str] = TASKS, *, patch: int = 64, seed: int = 0, max_side: int = 512) -> DegradationDataset:

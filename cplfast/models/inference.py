@@ -9,11 +9,23 @@ its own region of the whole image's maps (bilinear resampling; an exact crop whe
 downscaling) instead of a prompt stretched over the tile alone. Tiles of ``tile x tile`` pixels step by ``tile - overlap``; each tile's output is
 weighted by a separable raised-cosine window that ramps over ``overlap`` pixels at edges shared with
 another tile (1 elsewhere), and the weighted sum is divided by the summed weights.
+
+Input values: images are floats in [0, 1]. A float image in 0-255 (max above 1.1, min not below -0.1,
+max at most 255.5) is divided by 255 with a warning; anything else outside [-0.1, 1.1] is an error.
+
+Memory: before a whole-image restore, the activation memory is estimated (about
+:data:`BYTES_PER_PIXEL_CHANNEL` bytes per pixel and channel of the first level in fp32) and compared with
+what the device has free; if it does not fit, :class:`NotEnoughMemoryError` names a tile size that does.
+
+Progress: ``progress=True`` shows a tqdm bar (after 2 s) over the tiles, or for a whole image over the
+model's top-level blocks as they run.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -21,6 +33,14 @@ import torch
 import torch.nn.functional as F
 
 MULTIPLE = 8
+RANGE_TOLERANCE = 0.1
+# peak activation bytes of a whole-image forward, per pixel and per channel of the first level, fp32
+# (measured on CPU with the tiny/small presets: 150-165)
+BYTES_PER_PIXEL_CHANNEL = 160
+
+
+class NotEnoughMemoryError(MemoryError):
+    """A whole-image restore that would not fit in the device's free memory (the message names a tile)."""
 
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int = MULTIPLE) -> torch.Tensor:
@@ -44,7 +64,92 @@ def _check_image(model, image) -> torch.Tensor:
         raise ValueError(f"image must not be empty, got shape {tuple(image.shape)}")
     if not torch.isfinite(image).all():
         raise ValueError("image must hold finite values (found NaN or Inf)")
-    return image
+    return check_value_range(image)
+
+
+def check_value_range(image: torch.Tensor) -> torch.Tensor:
+    """``image`` if its values are in [0, 1] (± :data:`RANGE_TOLERANCE`); divided by 255 with a warning
+    if they look like 0-255; a ValueError otherwise."""
+    lo, hi = (float(v) for v in torch.aminmax(image.detach()))
+    if lo >= -RANGE_TOLERANCE and hi <= 1 + RANGE_TOLERANCE:
+        return image
+    if lo >= -RANGE_TOLERANCE and hi <= 255.5:
+        warnings.warn(f"image values span [{lo:.3g}, {hi:.3g}], not [0, 1]: treating them as 0-255 and dividing "
+                      "by 255 (pass image / 255 to silence this)", UserWarning, stacklevel=4)
+        return image / 255
+    raise ValueError(f"image values must be in [0, 1] (floats), got values in [{lo:.3g}, {hi:.3g}]; divide 8-bit "
+                     "images by 255 and 16-bit images by 65535")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device`` (CUDA: driver free + this process's cached blocks; CPU:
+    MemAvailable of /proc/meminfo), or None when unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def estimate_restore_bytes(model, batch: int, height: int, width: int, dtype: torch.dtype) -> int:
+    """Estimated peak activation bytes of a forward on ``(batch, C, height, width)`` (padded to 8)."""
+    dim = int(getattr(getattr(model, "config", None), "dim", 48))
+    h, w = -(-height // MULTIPLE) * MULTIPLE, -(-width // MULTIPLE) * MULTIPLE
+    element = torch.empty((), dtype=dtype).element_size()
+    return int(BYTES_PER_PIXEL_CHANNEL * dim * batch * h * w * element / 4)
+
+
+def check_memory(model, x: torch.Tensor) -> None:
+    """Raise :class:`NotEnoughMemoryError` (naming a tile size that fits) if a whole-image forward of ``x``
+    would not fit in the free memory of its device. ``CPLFAST_SKIP_MEMORY_CHECK=1`` skips the check."""
+    if os.environ.get("CPLFAST_SKIP_MEMORY_CHECK") == "1":
+        return
+    free = free_memory(x.device)
+    if free is None:
+        return
+    b, _, h, w = x.shape
+    need = estimate_restore_bytes(model, b, h, w, x.dtype)
+    if need <= free:
+        return
+    tile = 1024
+    while tile > 64 and estimate_restore_bytes(model, b, tile, tile, x.dtype) * 1.5 > free:
+        tile //= 2
+    gib = 2.0 ** 30
+    raise NotEnoughMemoryError(
+        f"restoring the whole {w}x{h} image needs about {need / gib:.1f} GiB but {x.device} has "
+        f"{free / gib:.1f} GiB free; restore it in tiles instead: --tile {tile} "
+        f"(model.restore(image, tile={tile}))")
+
+
+def _progress_bar(total: int, desc: str, unit: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, delay=2.0, dynamic_ncols=True, leave=False)
+
+
+class _BlockProgress:
+    """Advances a progress bar each time a top-level block of ``model`` finishes (whole-image restores)."""
+
+    def __init__(self, model, desc: str = "restore"):
+        self.blocks = [m for m in model.children()]
+        self.bar = _progress_bar(len(self.blocks), desc, "block")
+        self.handles = [m.register_forward_hook(self._step) for m in self.blocks]
+
+    def _step(self, *_):
+        if self.bar.n < self.bar.total:
+            self.bar.update(1)
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+        self.bar.close()
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -117,7 +222,8 @@ def _tile_maps(prompts: _WholeImagePrompts, top: int, left: int, th: int, tw: in
 
 @torch.no_grad()
 def restore(model, image: torch.Tensor, *, tile: int | None = None, overlap: int = 32,
-            routing: Mapping[str, torch.Tensor] | None = None, routing_size: int = 512):
+            routing: Mapping[str, torch.Tensor] | None = None, routing_size: int = 512,
+            progress: bool = False, check_memory_first: bool = True):
     """Restore ``image`` ``(3,H,W)`` or ``(B,3,H,W)`` of any size with ``model`` in eval mode, without grad.
 
     Args:
@@ -127,6 +233,12 @@ def restore(model, image: torch.Tensor, *, tile: int | None = None, overlap: int
             on the whole image without tiling, on the image downscaled to ``routing_size`` with tiling
             (that pass also gives the prompt maps every tile takes its region from).
         routing_size: long side of the downscaled image the tiled routing is computed on.
+        progress: show a progress bar (tiles, or the model's blocks for a whole image) once a restore
+            has run for 2 seconds.
+        check_memory_first: before a whole-image restore, raise :class:`NotEnoughMemoryError` (with a
+            tile size that fits) when the estimated activation memory exceeds the device's free memory.
+
+    A float image in 0-255 is divided by 255 with a warning; other values outside [0, 1] are an error.
 
     Returns ``(restored image, same shape as image, routing dict)``.
     """
@@ -149,23 +261,71 @@ def restore(model, image: torch.Tensor, *, tile: int | None = None, overlap: int
         h, w = x.shape[-2:]
         padded = _pad_to_multiple(x)
         if tile is None:
-            out, aux = model(padded, routing=routing, return_aux=True)
+            if check_memory_first:
+                check_memory(model, padded)
+            watcher = _BlockProgress(model) if progress else None
+            try:
+                out, aux = model(padded, routing=routing, return_aux=True)
+            finally:
+                if watcher is not None:
+                    watcher.close()
             routing = aux["routing"]
         else:
             prompts = _whole_image_prompts(model, x, routing_size, routing)
             routing = prompts.routing
-            out = _tiled(model, padded, tile, overlap, prompts)
+            out = _tiled(model, padded, tile, overlap, prompts, progress=progress)
     finally:
         model.train(was_training)
     out = out[..., :h, :w]
     return (out[0] if squeeze else out), routing
 
 
-def _tiled(model, x: torch.Tensor, tile: int, overlap: int, prompts: _WholeImagePrompts) -> torch.Tensor:
+def dihedral(x: torch.Tensor, code: int) -> torch.Tensor:
+    """Transform ``code`` in 0..7 of the last two dims: ``code % 4`` quarter turns, then a horizontal flip
+    when ``code >= 4``."""
+    y = torch.rot90(x, code % 4, dims=(-2, -1))
+    return y.flip(-1) if code >= 4 else y
+
+
+def undo_dihedral(y: torch.Tensor, code: int) -> torch.Tensor:
+    """The inverse of :func:`dihedral`."""
+    if code >= 4:
+        y = y.flip(-1)
+    return torch.rot90(y, -(code % 4), dims=(-2, -1))
+
+
+@torch.no_grad()
+def restore_tta(model, image: torch.Tensor, **kwargs):
+    """Test-time augmentation: the mean of the restorations of the 8 flips/rotations of ``image`` (each
+    transformed back). The routing of the untransformed image is forced on the other seven, so all eight
+    restore the same degradation. ``kwargs`` as :func:`restore`; returns ``(image, routing)``."""
+    image = _check_image(model, image)
+    out, routing = restore(model, image, **kwargs)
+    kwargs = {**kwargs, "routing": routing, "check_memory_first": False}
+    total = out.float().clone()
+    for code in range(1, 8):
+        piece, _ = restore(model, dihedral(image, code), **kwargs)
+        total += undo_dihedral(piece.float(), code)
+    return (total / 8).to(out.dtype), routing
+
+
+def _tiled(model, x: torch.Tensor, tile: int, overlap: int, prompts: _WholeImagePrompts, *,
+           progress: bool = False) -> torch.Tensor:
     b, _, h, w = x.shape
     out = x.new_zeros(b, model.config.out_channels, h, w)
     weight = x.new_zeros(1, 1, h, w)
     rows, cols = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    bar = _progress_bar(len(rows) * len(cols), "restore", "tile") if progress else None
+    try:
+        _run_tiles(model, x, tile, overlap, prompts, rows, cols, out, weight, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out / weight
+
+
+def _run_tiles(model, x, tile, overlap, prompts, rows, cols, out, weight, bar) -> None:
+    h, w = x.shape[-2:]
     for top in rows:
         for left in cols:
             th, tw = min(tile, h), min(tile, w)
@@ -176,7 +336,9 @@ def _tiled(model, x: torch.Tensor, tile: int, overlap: int, prompts: _WholeImage
             window = wy[:, None] * wx[None, :]
             out[..., top:top + th, left:left + tw] += piece * window
             weight[..., top:top + th, left:left + tw] += window
-    return out / weight
+            if bar is not None:
+                bar.update(1)
 
 
-__all__ = ["blend_window", "restore", "tile_starts"]
+__all__ = ["BYTES_PER_PIXEL_CHANNEL", "NotEnoughMemoryError", "blend_window", "check_memory", "check_value_range",
+           "dihedral", "estimate_restore_bytes", "free_memory", "restore", "restore_tta", "tile_starts", "undo_dihedral"]
