@@ -222,10 +222,12 @@ def run(args: argparse.Namespace) -> int:
     jobs = [job for job in jobs if job not in existing]
     # everything that can fail before the long work: inputs decoded, output folders writable
     jobs, skipped = _validate(jobs)
+    if not jobs and len(skipped) == 1 and not existing:
+        raise CommandError(skipped[0][1])
     for src, reason in skipped:
         print(f"skipping {src}: {reason}", file=sys.stderr, flush=True)
     if not jobs and skipped and not existing:
-        raise CommandError(skipped[0][1] if len(skipped) == 1 else f"none of the {len(skipped)} inputs can be read")
+        raise CommandError(f"none of the {len(skipped)} inputs can be read")
     for folder in sorted({job.dst.parent for job in jobs}):
         writable_folder(folder, "the output folder")
 
