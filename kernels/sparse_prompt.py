@@ -15,44 +15,52 @@ is linear, ``resize(sum_n w_n P_n) = sum_n w_n resize(P_n)``: the mix kernel res
 component at its output positions once and reuses that for every image of the batch. Neither the
 ``(B,N,D,S,S)`` repeat nor the pre-resize ``(B,D,S,S)`` mix is ever stored, forward or backward.
 
-Forward, three launches:
-  1. ``_gap_partial_kernel``  grid (B, C/BLOCK_C, SPLIT): partial spatial sums of x, read through its
-     strides (NCHW, channels-last or any view), fp32.
-  2. ``_router_kernel``       grid (B,): emb, logits, softmax, rank-based top-k, renorm.
-  3. ``_mix_resize_kernel``   grid (H'W'/BLOCK, D): bilinear taps of the prompt components that any
-     image of the batch selected (the others are never read), then one weighted sum per image.
+Forward, two launches:
+  1. ``_gap_partial_kernel``  grid (B, C/BLOCK_C, SPLIT): partial spatial sums ``part (B,SPLIT,C)`` of x,
+     read through its strides (NCHW, channels-last or any view), fp32.
+  2. ``_route_mix_kernel``    grid (H'W'/BLOCK, D): every program recomputes the router from ``part``
+     (emb, logits, softmax, top-k, renorm: ``B*(SPLIT+N)*C`` loads from L2, no launch of its own), takes
+     the bilinear taps of the prompt components that some image selected (the others are not read) and
+     writes one weighted sum per image. Program (0, 0) also writes emb, probs, mixw and routing.
 
-Backward (grad_out ``(B,D,H',W')``, grad_routing ``(B,N)``), three launches:
-  4. ``_prompt_grad_kernel``  grid (S*S/BLOCK, D): per prompt pixel, the transposed resize of grad_out
-     (a gather over the output window that reads it; no atomics), then
-     ``grad_prompts[n] = sum_b w[b,n] G_b`` and partial ``dL/dw[b,n] = <G_b, prompts[n]>``.
-  5. ``_router_grad_kernel``  grid (B,): renorm / top-k / softmax Jacobian -> dlogits, and
-     ``grad_emb = dlogits @ weight / (H*W)``.
-  6. ``_param_grad_kernel``   grid (C/BLOCK_C,): ``grad_weight = dlogits.T @ emb``, ``grad_bias``.
+Backward (grad_out ``(B,D,H',W')``, grad_routing ``(B,N)``, either may be absent), two launches:
+  3. ``_prompt_grad_kernel``  grid (S*S/BLOCK, D/D_PER): per prompt pixel and channel, the transposed
+     resize of grad_out (a gather over the output window that reads it; no atomics), then
+     ``grad_prompts[n] = sum_b w[b,n] G_b`` and this program's partial ``dL/dw[b,n] = <G_b, prompts[n]>``
+     summed over its D_PER channels (``dmix_part (B, PARTS, BLOCK_N)``, PARTS = number of programs).
+     Skipped when grad_out is absent (then grad_prompts is None).
+  4. ``_router_grad_kernel``  grid (C/BLOCK_C,): every program reduces dmix_part (fixed order) and adds
+     grad_routing, applies renorm / top-k / softmax Jacobian -> dlogits for every image, then writes its
+     channel block of ``grad_emb = dlogits @ weight / (H*W)``, ``grad_weight = dlogits.T @ emb`` and
+     (program 0) ``grad_bias = sum_b dlogits``.
 ``grad_x`` is ``grad_emb`` broadcast over (H, W); the autograd layer returns it as an expanded view,
-so no (B,C,H,W) tensor is written.
+so no (B,C,H,W) tensor is written. No zero fills, no atomics: the results are deterministic.
 
 HBM bytes (e = element size; S^2 = S*S; prompts read only for selected components, at most N):
-  forward : B*C*H*W*e (read x)  +  <= N*D*S^2*e (prompts)  +  B*D*H'*W'*e (write out)  + O(B*(C+N))
+  forward : B*C*H*W*e (read x) + <= N*D*S^2*e (prompts) + B*D*H'*W'*e (write out)
+            + 4*B*SPLIT*C (partials, written once, re-read from L2 by every mix program) + O(B*(C+N))
   backward: B*D*H'*W'*e (read grad_out) + N*D*S^2*e (read prompts) + N*D*S^2*e (write grad_prompts)
-            + O(N*C + B*C)
-The two big terms are the output write and the grad_out read (B*D*H'*W'*e each) and the x read.
-Example, PromptIR level 1 at 128^2 training patches (B=8, C=96, H=W=S=64, D=64, N=5, fp32):
-x 12.6 MB, out 8.4 MB, prompts 5.2 MB -> forward 26.2 MB, backward 8.4 + 2*5.2 = 18.9 MB.
+            + 4*B*PARTS*BLOCK_N (dL/dw partials, re-read from L2 by every router-grad program) + O(N*C + B*C)
+Example, PromptIR level 1 at 128^2 training patches (B=8, C=96, H=W=S=64, D=64, N=5, fp32, H100/H200 plan):
+x 12.6 MB, out 8.4 MB, prompts 5.2 MB, partials 9 KB -> forward 26.2 MB; backward 8.4 + 2*5.2 MB +
+131 KB of partials (PARTS = 512) = 19.0 MB. Four launches in all (the eager reference makes dozens), so
+the ~11 us of data at 3.3-4.8 TB/s is no longer hidden behind seven launch latencies.
 The eager reference additionally writes and re-reads the (B,D,S,S) mix, the interpolate output and a
 full (B,C,H,W) grad_x.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-MAX_COMPONENTS = 256  # N above this would not fit the rank tile in registers
+from ._device import device_guard, sm_count
+
+MAX_COMPONENTS = 256  # N above this would not fit a component tile in registers
+MAX_SPLIT = 8  # GAP splits along H*W (every mix program re-reads all B*SPLIT*C partials)
 
 
 @triton.jit
@@ -67,40 +75,56 @@ def _gap_partial_kernel(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(2)
     c_ok = c < C
-    base = x_ptr + b.to(tl.int64) * sxb + c[:, None] * sxc
+    base = x_ptr + b.to(tl.int64) * sxb + c[:, None].to(tl.int64) * sxc
     acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
     start = split * hw_per_split
     for i in range(0, hw_per_split, BLOCK_HW):
         hw = start + i + tl.arange(0, BLOCK_HW)
         if FLAT:  # H and W fold into one stride (NCHW-contiguous or channels-last)
-            offset = hw * sxw
+            offset = hw.to(tl.int64) * sxw
         else:
-            offset = (hw // W) * sxh + (hw % W) * sxw
+            offset = (hw // W).to(tl.int64) * sxh + (hw % W).to(tl.int64) * sxw
         mask = c_ok[:, None] & (hw < HW)[None, :]
         acc += tl.load(base + offset[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(part_ptr + (b * SPLIT + split) * C + c, tl.sum(acc, axis=1), mask=c_ok)
 
 
 @triton.jit
-def _topk_keep(p, n, n_ok, k):
-    """Mask of the k largest entries of p (ties: lower index first), by counting who beats whom."""
-    p_other = p[None, :]
-    p_self = p[:, None]
-    beats = (p_other > p_self) | ((p_other == p_self) & (n[None, :] < n[:, None]))
-    rank = tl.sum((beats & n_ok[None, :]).to(tl.int32), axis=1)
-    return (rank < k) & n_ok
+def _topk_keep(p, n, n_ok, k, N):
+    """Mask of the k largest entries of p (0 <= p <= 1), ties to the lower index.
+
+    Selects the min(k, N-k) entries that decide the mask one at a time (the largest, lowest index first;
+    or, for k > N/2, drops the smallest, highest index first): registers stay O(N) for any N.
+    """
+    if k <= N - k:
+        keep = n < 0
+        for _ in range(k):
+            cand = tl.where(n_ok & ~keep, p, -1.0)
+            best = tl.max(cand, axis=0)
+            first = tl.min(tl.where(cand == best, n, 2**30), axis=0)
+            keep = keep | (n == first)
+    else:
+        keep = n_ok
+        for _ in range(N - k):
+            cand = tl.where(keep, p, 2.0)
+            worst = tl.min(cand, axis=0)
+            last = tl.max(tl.where(cand == worst, n, -1), axis=0)
+            keep = keep & (n != last)
+    return keep
 
 
 @triton.jit
-def _router_kernel(
-    part_ptr, weight_ptr, bias_ptr,
-    emb_ptr, probs_ptr, mixw_ptr, routing_ptr,
-    C, N, SPLIT, inv_hw, temperature, k,
-    swn, swc, sbn,
-    HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+def _route(
+    part_ptr, weight_ptr, bias_ptr, emb_ptr, b, emb_limit,
+    C, N, SPLIT, inv_hw, temperature, k, swn, swc, sbn,
+    HAS_BIAS: tl.constexpr, TOPK: tl.constexpr, RENORM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One image per program: emb, logits, softmax, top-k and renorm. Writes emb/probs/mixw (fp32)."""
-    b = tl.program_id(0)
+    """Router of image b from the GAP partials: (p, w) over the components (fp32, BLOCK_N wide).
+
+    Every caller runs the same code on the same inputs, so every program gets bit-identical weights.
+    The pooled features emb[b, c] are written for c < ``emb_limit`` (C in one program, 0 in the others).
+    """
     n = tl.arange(0, BLOCK_N)
     n_ok = n < N
     logits = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -111,7 +135,7 @@ def _router_kernel(
         for s in range(SPLIT):
             emb += tl.load(part_ptr + (b * SPLIT + s) * C + c, mask=c_ok, other=0.0)
         emb = emb * inv_hw
-        tl.store(emb_ptr + b * C + c, emb, mask=c_ok)
+        tl.store(emb_ptr + b * C + c, emb, mask=c < emb_limit)
         w_tile = tl.load(
             weight_ptr + n[:, None] * swn + c[None, :] * swc, mask=n_ok[:, None] & c_ok[None, :], other=0.0
         ).to(tl.float32)
@@ -121,13 +145,12 @@ def _router_kernel(
     z = tl.where(n_ok, logits / temperature, float("-inf"))
     e = tl.where(n_ok, tl.exp(z - tl.max(z, axis=0)), 0.0)
     p = e / tl.sum(e, axis=0)
-    keep = _topk_keep(p, n, n_ok, k)
-    w = tl.where(keep, p, 0.0)
-    if RENORM:
-        w = w / tl.sum(w, axis=0)
-    tl.store(probs_ptr + b * N + n, p, mask=n_ok)
-    tl.store(mixw_ptr + b * N + n, w, mask=n_ok)
-    tl.store(routing_ptr + b * N + n, w.to(routing_ptr.dtype.element_ty), mask=n_ok)
+    w = p
+    if TOPK:
+        w = tl.where(_topk_keep(p, n, n_ok, k, N), p, 0.0)
+        if RENORM:
+            w = w / tl.sum(w, axis=0)
+    return p, w
 
 
 @triton.jit
@@ -148,42 +171,73 @@ def _tap_weight(dst, src_index, scale, in_size):
 
 
 @triton.jit
-def _mix_resize_kernel(
-    prompts_ptr, mixw_ptr, out_ptr,
-    B, N, SH, SW, OH, OW, scale_h, scale_w,
-    spn, spd, sph, spw, sob,
-    IDENTITY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr,
+def _route_mix_kernel(
+    part_ptr, weight_ptr, bias_ptr, prompts_ptr, out_ptr,
+    emb_ptr, probs_ptr, mixw_ptr, routing_ptr,
+    B, C, N, D, SPLIT, inv_hw, temperature, k,
+    SH, SW, OH, OW, scale_h, scale_w,
+    swn, swc, sbn, spn, spd, sph, spw, sob,
+    HAS_BIAS: tl.constexpr, TOPK: tl.constexpr, RENORM: tl.constexpr, IDENTITY: tl.constexpr,
+    D_PER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """out[b, d, o] = sum_n mixw[b, n] * resize(prompts[n, d])[o] for a block of output pixels o."""
-    d = tl.program_id(1)
+    """out[b, d, o] = sum_n w[b, n] * resize(prompts[n, d])[o] for a block of output pixels o and the
+    D_PER channels d of this program, with the router weights w recomputed here from the GAP partials,
+    BLOCK_B images at a time (program (0, 0) also stores emb/probs/mixw/routing)."""
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    o_ok = o < OH * OW
+    count = OH * OW
+    o_ok = o < count
     n = tl.arange(0, BLOCK_N)
     n_ok = n < N
-    # components selected by at least one image; the others are not read
-    weight_mag = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for b in range(B):
-        weight_mag = tl.maximum(weight_mag, tl.abs(tl.load(mixw_ptr + b * N + n, mask=n_ok, other=0.0)))
-    mask = ((weight_mag != 0.0) & n_ok)[:, None] & o_ok[None, :]
-    base = prompts_ptr + d.to(tl.int64) * spd + n[:, None] * spn
+    rows = tl.arange(0, BLOCK_B)
+    first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
+    emb_limit = tl.where(first, C, 0)  # masks as limits: the interpreter rejects scalar & tensor masks
+    row_limit = tl.where(first, N, 0)
     oh = o // OW
     ow = o % OW
-    if IDENTITY:
-        resized = tl.load(base + (oh * sph + ow * spw)[None, :], mask=mask, other=0.0).to(tl.float32)
-    else:
+    if not IDENTITY:
         h0, h1, lh0, lh1 = _source_taps(oh, scale_h, SH)
         w0, w1, lw0, lw1 = _source_taps(ow, scale_w, SW)
-        top = lw0[None, :] * tl.load(base + (h0 * sph + w0 * spw)[None, :], mask=mask, other=0.0).to(tl.float32)
-        top += lw1[None, :] * tl.load(base + (h0 * sph + w1 * spw)[None, :], mask=mask, other=0.0).to(tl.float32)
-        bot = lw0[None, :] * tl.load(base + (h1 * sph + w0 * spw)[None, :], mask=mask, other=0.0).to(tl.float32)
-        bot += lw1[None, :] * tl.load(base + (h1 * sph + w1 * spw)[None, :], mask=mask, other=0.0).to(tl.float32)
-        resized = lh0[None, :] * top + lh1[None, :] * bot
-    out_b = out_ptr + d.to(tl.int64) * (OH * OW) + o
-    for b in range(B):
-        w = tl.load(mixw_ptr + b * N + n, mask=n_ok, other=0.0)
-        value = tl.sum(w[:, None] * resized, axis=0)
-        tl.store(out_b, value.to(out_ptr.dtype.element_ty), mask=o_ok)
-        out_b += sob
+    out_chunk = out_ptr + o  # image b0, channel 0 (pointer steps: B*D*H'*W' may pass 2^31)
+    for b0 in range(0, B, BLOCK_B):
+        mix = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)  # row i: the weights of image b0 + i
+        for i in range(BLOCK_B):
+            b = tl.minimum(b0 + i, B - 1)  # rows past B repeat the last image and are never stored
+            p, w = _route(part_ptr, weight_ptr, bias_ptr, emb_ptr, b, emb_limit, C, N, SPLIT, inv_hw,
+                          temperature, k, swn, swc, sbn, HAS_BIAS, TOPK, RENORM, BLOCK_N, BLOCK_C)
+            tl.store(probs_ptr + b * N + n, p, mask=n < row_limit)
+            tl.store(mixw_ptr + b * N + n, w, mask=n < row_limit)
+            tl.store(routing_ptr + b * N + n, w.to(routing_ptr.dtype.element_ty), mask=n < row_limit)
+            mix = tl.where((rows == i)[:, None], w[None, :], mix)
+        # components selected by an image of this step; the others are not read
+        selected = tl.max(tl.abs(mix), axis=0) != 0.0
+        mask = (selected & n_ok)[:, None] & o_ok[None, :]
+        for j in range(D_PER):
+            d = tl.program_id(1) * D_PER + j
+            d_mask = mask & (o < tl.where(d < D, count, 0))[None, :]
+            base = prompts_ptr + d.to(tl.int64) * spd + n[:, None] * spn
+            if IDENTITY:
+                resized = tl.load(base + (oh * sph + ow * spw)[None, :], mask=d_mask, other=0.0).to(tl.float32)
+            else:
+                top = lw0[None, :] * tl.load(base + (h0 * sph + w0 * spw)[None, :], mask=d_mask, other=0.0).to(
+                    tl.float32)
+                top += lw1[None, :] * tl.load(base + (h0 * sph + w1 * spw)[None, :], mask=d_mask, other=0.0).to(
+                    tl.float32)
+                bot = lw0[None, :] * tl.load(base + (h1 * sph + w0 * spw)[None, :], mask=d_mask, other=0.0).to(
+                    tl.float32)
+                bot += lw1[None, :] * tl.load(base + (h1 * sph + w1 * spw)[None, :], mask=d_mask, other=0.0).to(
+                    tl.float32)
+                resized = lh0[None, :] * top + lh1[None, :] * bot
+            out_b = out_chunk + d.to(tl.int64) * count
+            limit = tl.where(d < D, count, 0)
+            for i in range(BLOCK_B):
+                w = tl.sum(tl.where((rows == i)[:, None], mix, 0.0), axis=0)
+                value = tl.sum(w[:, None] * resized, axis=0)
+                store_limit = tl.where(b0 + i < B, limit, 0)
+                tl.store(out_b, value.to(out_ptr.dtype.element_ty), mask=o < store_limit)
+                out_b += sob
+        for i in range(BLOCK_B):
+            out_chunk += sob
 
 
 @triton.jit
@@ -200,123 +254,118 @@ def _prompt_grad_kernel(
     grad_out_ptr, prompts_ptr, mixw_ptr, grad_prompts_ptr, dmix_part_ptr,
     B, N, D, SH, SW, OH, OW, scale_h, scale_w, win_h, win_w,
     sgb, sgd, sgh, sgw, spn, spd, sph, spw,
-    IDENTITY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr,
+    IDENTITY: tl.constexpr, D_PER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """For a block of prompt pixels s of channel d and every image b: G_b[s] = resize^T(grad_out[b, d])[s];
-    grad_prompts[n, d, s] = sum_b mixw[b, n] G_b[s]; dmix_part[prog, b, n] = sum_s G_b[s] prompts[n, d, s].
+    """For a block of prompt pixels s, channels d of this program's group and every image b:
+    G_b[s] = resize^T(grad_out[b, d])[s]; grad_prompts[n, d, s] = sum_b mixw[b, n] G_b[s];
+    dmix_part[b, prog, n] = sum_{d in group, s in block} G_b[s] prompts[n, d, s].
 
     Images are taken BLOCK_B at a time; the transposed resize gathers, for each pixel, the win_h x win_w
     output window that starts at its first reader (taps that miss the pixel weigh 0 and are not loaded).
+    The program's dmix_part slots are accumulated over its channels in place (only this program touches them).
     """
-    d = tl.program_id(1)
     s = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     s_ok = s < SH * SW
     ih = s // SW
     iw = s % SW
     n = tl.arange(0, BLOCK_N)
     n_ok = n < N
-    tile_mask = n_ok[:, None] & s_ok[None, :]
-    prompt_offsets = n[:, None] * spn + (ih * sph + iw * spw)[None, :]
-    prompt_tile = tl.load(prompts_ptr + d.to(tl.int64) * spd + prompt_offsets, mask=tile_mask, other=0.0)
-    prompt_tile = prompt_tile.to(tl.float32)
-    grad_tile = tl.zeros([BLOCK_N, BLOCK], dtype=tl.float32)
+    parts = tl.num_programs(0) * tl.num_programs(1)
+    prog = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     if not IDENTITY:
         h_start = _first_reader(ih, scale_h, SH)
         w_start = _first_reader(iw, scale_w, SW)
-    prog = d * tl.num_programs(0) + tl.program_id(0)
-    part_base = dmix_part_ptr + prog.to(tl.int64) * B * BLOCK_N
-    grad_base = grad_out_ptr + d.to(tl.int64) * sgd
-    for b0 in range(0, B, BLOCK_B):
-        b = b0 + tl.arange(0, BLOCK_B)
-        b_ok = b < B
-        rows = grad_base + b[:, None].to(tl.int64) * sgb
-        bs_mask = b_ok[:, None] & s_ok[None, :]
-        if IDENTITY:
-            g = tl.load(rows + (ih * sgh + iw * sgw)[None, :], mask=bs_mask, other=0.0).to(tl.float32)
-        else:
-            g = tl.zeros([BLOCK_B, BLOCK], dtype=tl.float32)
-            for dy in range(win_h):
-                oh = h_start + dy
-                ah = tl.where(oh < OH, _tap_weight(oh, ih, scale_h, SH), 0.0)
-                for dx in range(win_w):
-                    ow = w_start + dx
-                    a = ah * tl.where(ow < OW, _tap_weight(ow, iw, scale_w, SW), 0.0)
-                    hit = bs_mask & (a != 0.0)[None, :]
-                    window = tl.load(rows + (oh * sgh + ow * sgw)[None, :], mask=hit, other=0.0)
-                    g += a[None, :] * window.to(tl.float32)
-        bn_mask = b_ok[:, None] & n_ok[None, :]
-        w = tl.load(mixw_ptr + b[:, None] * N + n[None, :], mask=bn_mask, other=0.0)
-        grad_tile += tl.sum(w[:, :, None] * g[:, None, :], axis=0)
-        dmix = tl.sum(g[:, None, :] * prompt_tile[None, :, :], axis=2)
-        tl.store(part_base + b[:, None] * BLOCK_N + n[None, :], dmix, mask=bn_mask)
-    gp_offsets = n[:, None] * (D * SH * SW) + (d * SH * SW + s)[None, :]
-    tl.store(grad_prompts_ptr + gp_offsets, grad_tile.to(grad_prompts_ptr.dtype.element_ty), mask=tile_mask)
+    for j in range(D_PER):
+        d = tl.program_id(1) * D_PER + j
+        sd_ok = s < tl.where(d < D, SH * SW, 0)  # s_ok, and nothing past the last channel
+        tile_mask = n_ok[:, None] & sd_ok[None, :]
+        prompt_offsets = n[:, None] * spn + (ih * sph + iw * spw)[None, :]
+        prompt_tile = tl.load(prompts_ptr + d.to(tl.int64) * spd + prompt_offsets, mask=tile_mask, other=0.0)
+        prompt_tile = prompt_tile.to(tl.float32)
+        grad_tile = tl.zeros([BLOCK_N, BLOCK], dtype=tl.float32)
+        grad_base = grad_out_ptr + d.to(tl.int64) * sgd
+        for b0 in range(0, B, BLOCK_B):
+            b = b0 + tl.arange(0, BLOCK_B)
+            b_ok = b < B
+            rows = grad_base + b[:, None].to(tl.int64) * sgb
+            bs_mask = b_ok[:, None] & sd_ok[None, :]
+            if IDENTITY:
+                g = tl.load(rows + (ih * sgh + iw * sgw)[None, :], mask=bs_mask, other=0.0).to(tl.float32)
+            else:
+                g = tl.zeros([BLOCK_B, BLOCK], dtype=tl.float32)
+                for dy in range(win_h):
+                    oh = h_start + dy
+                    ah = tl.where(oh < OH, _tap_weight(oh, ih, scale_h, SH), 0.0)
+                    for dx in range(win_w):
+                        ow = w_start + dx
+                        a = ah * tl.where(ow < OW, _tap_weight(ow, iw, scale_w, SW), 0.0)
+                        hit = bs_mask & (a != 0.0)[None, :]
+                        offsets = oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+                        window = tl.load(rows + offsets[None, :], mask=hit, other=0.0)
+                        g += a[None, :] * window.to(tl.float32)
+            bn_mask = b_ok[:, None] & n_ok[None, :]
+            w = tl.load(mixw_ptr + b[:, None] * N + n[None, :], mask=bn_mask, other=0.0)
+            grad_tile += tl.sum(w[:, :, None] * g[:, None, :], axis=0)
+            dmix = tl.sum(g[:, None, :] * prompt_tile[None, :, :], axis=2)
+            slots = dmix_part_ptr + (b[:, None].to(tl.int64) * parts + prog) * BLOCK_N + n[None, :]
+            tl.debug_barrier()  # the previous channel's store of these slots is visible to every thread
+            dmix += tl.load(slots, mask=(b < tl.where(j > 0, B, 0))[:, None] & n_ok[None, :], other=0.0)
+            tl.store(slots, dmix, mask=bn_mask)
+        gp_offsets = n[:, None].to(tl.int64) * (D * SH * SW) + (d * SH * SW + s)[None, :]
+        tl.store(grad_prompts_ptr + gp_offsets, grad_tile.to(grad_prompts_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
 def _router_grad_kernel(
-    dmix_part_ptr, grad_routing_ptr, probs_ptr, mixw_ptr, weight_ptr,
-    dlogits_ptr, grad_emb_ptr,
+    dmix_part_ptr, grad_routing_ptr, probs_ptr, mixw_ptr, emb_ptr, weight_ptr,
+    grad_emb_ptr, grad_weight_ptr, grad_bias_ptr,
     B, C, N, PARTS, k, temperature, inv_hw,
-    swn, swc,
-    RENORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    swn, swc, sgrb, sgrn,
+    HAS_PARTS: tl.constexpr, HAS_GRAD_ROUTING: tl.constexpr, TOPK: tl.constexpr, RENORM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One image per program: dL/dw -> (renorm, top-k, softmax Jacobian) -> dlogits and grad_emb."""
-    b = tl.program_id(0)
-    n = tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-    for p0 in range(0, PARTS, BLOCK_P):
-        parts = p0 + tl.arange(0, BLOCK_P)
-        offsets = (parts[:, None].to(tl.int64) * B + b) * BLOCK_N + n[None, :]
-        acc += tl.load(dmix_part_ptr + offsets, mask=(parts < PARTS)[:, None] & n_ok[None, :], other=0.0)
-    dw = tl.sum(acc, axis=0) + tl.load(grad_routing_ptr + b * N + n, mask=n_ok, other=0.0)
-    p = tl.load(probs_ptr + b * N + n, mask=n_ok, other=0.0)
-    keep = _topk_keep(p, n, n_ok, k)
-    if RENORM:
-        w = tl.load(mixw_ptr + b * N + n, mask=n_ok, other=0.0)
-        kept_mass = tl.sum(tl.where(keep, p, 0.0), axis=0)
-        dp = tl.where(keep, (dw - tl.sum(dw * w, axis=0)) / kept_mass, 0.0)
-    else:
-        dp = tl.where(keep, dw, 0.0)
-    dlogits = p * (dp - tl.sum(p * dp, axis=0)) / temperature
-    tl.store(dlogits_ptr + b * N + n, dlogits, mask=n_ok)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < C
-        w_tile = tl.load(
-            weight_ptr + n[:, None] * swn + c[None, :] * swc, mask=n_ok[:, None] & c_ok[None, :], other=0.0
-        ).to(tl.float32)
-        grad_emb = tl.sum(dlogits[:, None] * w_tile, axis=0) * inv_hw
-        tl.store(grad_emb_ptr + b * C + c, grad_emb.to(grad_emb_ptr.dtype.element_ty), mask=c_ok)
-
-
-@triton.jit
-def _param_grad_kernel(
-    dlogits_ptr, emb_ptr, grad_weight_ptr, grad_bias_ptr,
-    B, C, N,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """grad_weight[:, c-block] = dlogits.T @ emb[:, c-block]; program 0 also writes grad_bias."""
+    """For a block of channels c and every image b: dL/dw[b] = sum of the dmix partials + grad_routing[b];
+    (renorm, top-k, softmax Jacobian) -> dlogits[b]; grad_emb[b, c] = dlogits[b] @ weight[:, c] / (H*W);
+    grad_weight[:, c] = sum_b dlogits[b, :, None] emb[b, c]; program 0: grad_bias = sum_b dlogits[b]."""
     pid = tl.program_id(0)
     c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     n = tl.arange(0, BLOCK_N)
     n_ok = n < N
+    nc_mask = n_ok[:, None] & c_ok[None, :]
+    w_tile = tl.load(weight_ptr + n[:, None] * swn + c[None, :] * swc, mask=nc_mask, other=0.0).to(tl.float32)
     grad_w = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
     grad_b = tl.zeros([BLOCK_N], dtype=tl.float32)
     for b in range(B):
-        dl = tl.load(dlogits_ptr + b * N + n, mask=n_ok, other=0.0)
+        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if HAS_PARTS:
+            acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+            for p0 in range(0, PARTS, BLOCK_P):
+                p_idx = p0 + tl.arange(0, BLOCK_P)
+                offsets = (b * PARTS + p_idx[:, None]) * BLOCK_N + n[None, :]
+                acc += tl.load(dmix_part_ptr + offsets, mask=(p_idx < PARTS)[:, None] & n_ok[None, :], other=0.0)
+            dw += tl.sum(acc, axis=0)
+        if HAS_GRAD_ROUTING:
+            dw += tl.load(grad_routing_ptr + b * sgrb + n * sgrn, mask=n_ok, other=0.0).to(tl.float32)
+        p = tl.load(probs_ptr + b * N + n, mask=n_ok, other=0.0)
+        dp = dw
+        if TOPK:
+            keep = _topk_keep(p, n, n_ok, k, N)
+            if RENORM:
+                w = tl.load(mixw_ptr + b * N + n, mask=n_ok, other=0.0)
+                kept_mass = tl.sum(tl.where(keep, p, 0.0), axis=0)
+                dp = tl.where(keep, (dw - tl.sum(dw * w, axis=0)) / kept_mass, 0.0)
+            else:
+                dp = tl.where(keep, dw, 0.0)
+        dlogits = tl.where(n_ok, p * (dp - tl.sum(p * dp, axis=0)) / temperature, 0.0)
+        grad_emb = tl.sum(dlogits[:, None] * w_tile, axis=0) * inv_hw
+        tl.store(grad_emb_ptr + b * C + c, grad_emb.to(grad_emb_ptr.dtype.element_ty), mask=c_ok)
         emb = tl.load(emb_ptr + b * C + c, mask=c_ok, other=0.0)
-        grad_w += dl[:, None] * emb[None, :]
-        grad_b += dl
-    tl.store(
-        grad_weight_ptr + n[:, None] * C + c[None, :],
-        grad_w.to(grad_weight_ptr.dtype.element_ty),
-        mask=n_ok[:, None] & c_ok[None, :],
-    )
-    if pid == 0:
-        tl.store(grad_bias_ptr + n, grad_b.to(grad_bias_ptr.dtype.element_ty), mask=n_ok)
+        grad_w += dlogits[:, None] * emb[None, :]
+        grad_b += dlogits
+    tl.store(grad_weight_ptr + n[:, None] * C + c[None, :], grad_w.to(grad_weight_ptr.dtype.element_ty), mask=nc_mask)
+    tl.store(grad_bias_ptr + n, grad_b.to(grad_bias_ptr.dtype.element_ty), mask=n < tl.where(pid == 0, N, 0))
 
 
 # ----------------------------------------------------------------------------------------- launchers
@@ -334,7 +383,30 @@ class BackwardResult(NamedTuple):
     grad_emb: torch.Tensor  # (B, C) in grad_out's (= x's) dtype, already divided by H*W: grad_x = broadcast
     grad_weight: torch.Tensor  # (N, C)
     grad_bias: torch.Tensor  # (N,) (the bias gradient, whether or not the op had a bias)
-    grad_prompts: torch.Tensor  # (N, D, S, S)
+    grad_prompts: torch.Tensor | None  # (N, D, S, S); None when there was no grad_out
+
+
+class ForwardPlan(NamedTuple):
+    """Launch settings of the forward. ``split * hw_per_split >= H*W``; blocks are powers of two."""
+
+    gap_block_c: int  # channels per GAP program
+    gap_block_hw: int  # positions per GAP loop iteration
+    split: int  # GAP programs along H*W (grid axis 2)
+    hw_per_split: int  # positions per split, a multiple of gap_block_hw
+    router_block_c: int  # channels per step of the router recomputed in every mix program
+    block: int  # output pixels per mix program
+    block_b: int  # images whose router weights a mix program holds at once
+    d_per_program: int  # prompt channels per mix program (they share its router work)
+
+
+class BackwardPlan(NamedTuple):
+    """Launch settings of the backward (prompt-grad grid ``(cdiv(S*S, block), cdiv(D, d_per_program))``)."""
+
+    block_b: int  # images per step of the prompt-grad kernel
+    block: int  # prompt pixels per prompt-grad program
+    d_per_program: int  # prompt channels per prompt-grad program
+    block_p: int  # dL/dw partials per reduction step of the router-grad kernel
+    block_c: int  # channels per router-grad program
 
 
 def _empty(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -346,24 +418,6 @@ def _pow2(n: int, low: int = 1) -> int:
     return max(low, triton.next_power_of_2(int(n)))
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
-def _target_programs(device: torch.device) -> int:
-    """Programs worth launching to fill the device (the interpreter prefers few, big ones)."""
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 4 * _SM_COUNT[index]
-
-
-def _device_guard(t: torch.Tensor):
-    """Launch on the tensor's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _check_components(n: int) -> None:
     if n > MAX_COMPONENTS:
         raise ValueError(
@@ -372,34 +426,64 @@ def _check_components(n: int) -> None:
         )
 
 
-def _output_block(count: int, block_n: int, on_gpu: bool) -> int:
-    if not on_gpu:
-        return min(_pow2(count), 1024)
-    return min(_pow2(count, 32), max(64, 2048 // block_n))
-
-
-def _spatial_sum(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Partial spatial sums of x, (B, SPLIT, C) fp32, and SPLIT."""
-    b, c, h, w = x.shape
+def forward_plan(
+    b: int, c: int, h: int, w: int, n: int, d: int, out_size: tuple[int, int], *,
+    channels_last: bool, cuda: bool, sms: int = 1, **overrides: int,
+) -> ForwardPlan:
+    """The forward's launch settings for x ``(b,c,h,w)`` (``channels_last``: channels are x's contiguous axis),
+    N components of D channels and the output size. On CUDA the GAP is split along H*W until about 4 programs per SM
+    (``sms``) run; the interpreter prefers few, big programs. ``overrides`` replace any field before the
+    split is made consistent (tests use them to force several splits, loop iterations and blocks)."""
     hw = h * w
-    sxb, sxc, sxh, sxw = x.stride()
-    flat = h == 1 or sxh == w * sxw
-    if x.is_cuda and sxc == 1 and c > 1:  # channels-last: channels are the contiguous axis
-        block_c, block_hw = min(_pow2(c), 64), min(_pow2(hw), 32)
-    elif x.is_cuda:
-        block_c, block_hw = min(_pow2(c), 4), min(_pow2(hw), 512)
+    count = int(out_size[0]) * int(out_size[1])
+    block_n = _pow2(n, 2)
+    if cuda and channels_last and c > 1:
+        gap_block_c, gap_block_hw = min(_pow2(c), 32), min(_pow2(hw), 32)
+    elif cuda:
+        gap_block_c, gap_block_hw = min(_pow2(c), 4), min(_pow2(hw), 512)
     else:
-        block_c, block_hw = min(_pow2(c), 64), min(_pow2(hw), 1024)
-    row_programs = b * triton.cdiv(c, block_c)
-    split = max(1, min(triton.cdiv(_target_programs(x.device), row_programs), triton.cdiv(hw, block_hw)))
-    hw_per_split = triton.cdiv(triton.cdiv(hw, split), block_hw) * block_hw
+        gap_block_c, gap_block_hw = min(_pow2(c), 64), min(_pow2(hw), 1024)
+    gap_block_c = overrides.pop("gap_block_c", gap_block_c)
+    gap_block_hw = overrides.pop("gap_block_hw", gap_block_hw)
+    # every mix program re-reads the b*split*c partials: at most MAX_SPLIT splits
+    split = min(triton.cdiv(4 * sms, b * triton.cdiv(c, gap_block_c)), triton.cdiv(hw, gap_block_hw), MAX_SPLIT)
+    split = overrides.pop("split", max(1, split) if cuda else 1)
+    hw_per_split = triton.cdiv(triton.cdiv(hw, split), gap_block_hw) * gap_block_hw
     split = triton.cdiv(hw, hw_per_split)
-    part = _empty((b, split, c), dtype=torch.float32, device=x.device)
-    _gap_partial_kernel[(b, triton.cdiv(c, block_c), split)](
-        x, part, c, w, hw, hw_per_split, split, sxb, sxc, sxh, sxw,
-        FLAT=flat, BLOCK_C=block_c, BLOCK_HW=block_hw,
-    )
-    return part, split
+    router_block_c = min(_pow2(c), max(4, 1024 // block_n))
+    if cuda:
+        block = min(_pow2(count, 32), max(64, 2048 // block_n))
+    else:
+        block = min(_pow2(count), 1024)
+    block = overrides.pop("block", block)
+    block_b = min(_pow2(b), 16, max(1, 1024 // block_n))
+    # about 2 programs per SM: each computes the router of every image once for all its channels
+    d_groups = max(1, min(d, triton.cdiv(2 * sms, triton.cdiv(count, block)))) if cuda else 1
+    plan = ForwardPlan(gap_block_c, gap_block_hw, split, hw_per_split, router_block_c, block, block_b,
+                       triton.cdiv(d, d_groups))
+    return plan._replace(**overrides)
+
+
+def backward_plan(b: int, c: int, n: int, d: int, s: int, *, cuda: bool, sms: int = 1, **overrides: int) -> BackwardPlan:
+    """The backward's launch settings for B images, C channels, N components and prompts ``(N,d,s,s)``.
+    On CUDA the prompt-grad grid is about 4 programs per SM (``sms``); each program sums its dL/dw over
+    ``d_per_program`` channels, so the router-grad kernel reduces that many partials per image."""
+    block_n = _pow2(n, 2)
+    if cuda:
+        block_b = min(_pow2(b), 4)
+        block = min(_pow2(s * s, 32), max(32, 2048 // (block_n * block_b)))
+    else:
+        block_b, block = min(_pow2(b), 16), min(_pow2(s * s), 1024)
+    block_b = overrides.pop("block_b", block_b)
+    block = overrides.pop("block", block)
+    s_blocks = triton.cdiv(s * s, block)
+    d_groups = max(1, min(d, triton.cdiv(4 * sms, s_blocks))) if cuda else 1
+    d_per_program = overrides.pop("d_per_program", triton.cdiv(d, d_groups))
+    parts = s_blocks * triton.cdiv(d, d_per_program)
+    block_p = min(_pow2(parts), max(16, 2048 // block_n))
+    block_c = min(_pow2(c), 32 if cuda else 64)
+    plan = BackwardPlan(block_b, block, d_per_program, block_p, block_c)
+    return plan._replace(**overrides)
 
 
 def forward(
@@ -411,42 +495,49 @@ def forward(
     temperature: float,
     renorm: bool,
     out_size: tuple[int, int],
+    *,
+    plan: ForwardPlan | None = None,
 ) -> ForwardResult:
-    """Run the three forward kernels. Arguments are already validated (see cplfast.functional)."""
+    """Run the two forward kernels. Arguments are already validated (see cplfast.functional)."""
     b, c, h, w = x.shape
     n, d, sh, sw = prompts.shape
     oh, ow = int(out_size[0]), int(out_size[1])
     _check_components(n)
     device = x.device
+    sxb, sxc, sxh, sxw = x.stride()
+    if plan is None:
+        plan = forward_plan(b, c, h, w, n, d, (oh, ow), channels_last=sxc == 1 and c > 1, cuda=x.is_cuda,
+                            sms=sm_count(device))
     block_n = _pow2(n, 2)
-    with _device_guard(x):
-        part, split = _spatial_sum(x)
+    topk = k < n
+    with device_guard(device):
+        part = _empty((b, plan.split, c), dtype=torch.float32, device=device)
+        _gap_partial_kernel[(b, triton.cdiv(c, plan.gap_block_c), plan.split)](
+            x, part, c, w, h * w, plan.hw_per_split, plan.split, sxb, sxc, sxh, sxw,
+            FLAT=h == 1 or sxh == w * sxw, BLOCK_C=plan.gap_block_c, BLOCK_HW=plan.gap_block_hw,
+        )
         emb = _empty((b, c), dtype=torch.float32, device=device)
         probs = _empty((b, n), dtype=torch.float32, device=device)
         mixw = _empty((b, n), dtype=torch.float32, device=device)
         routing = _empty((b, n), dtype=x.dtype, device=device)
-        _router_kernel[(b,)](
-            part, weight, bias if bias is not None else weight,
-            emb, probs, mixw, routing,
-            c, n, split, 1.0 / (h * w), float(temperature), int(k),
-            weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
-            HAS_BIAS=bias is not None, RENORM=bool(renorm) and k < n,
-            BLOCK_N=block_n, BLOCK_C=min(_pow2(c), max(16, 4096 // block_n)),
-        )
         out = _empty((b, d, oh, ow), dtype=x.dtype, device=device)
-        block = _output_block(oh * ow, block_n, x.is_cuda)
-        _mix_resize_kernel[(triton.cdiv(oh * ow, block), d)](
-            prompts, mixw, out,
-            b, n, sh, sw, oh, ow, sh / oh, sw / ow,
+        _route_mix_kernel[(triton.cdiv(oh * ow, plan.block), triton.cdiv(d, plan.d_per_program))](
+            part, weight, bias if bias is not None else weight, prompts, out,
+            emb, probs, mixw, routing,
+            b, c, n, d, plan.split, 1.0 / (h * w), float(temperature), int(k),
+            sh, sw, oh, ow, sh / oh, sw / ow,
+            weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
             *prompts.stride(), out.stride(0),
-            IDENTITY=(oh, ow) == (sh, sw), BLOCK_N=block_n, BLOCK=block,
+            HAS_BIAS=bias is not None, TOPK=topk, RENORM=bool(renorm) and topk, IDENTITY=(oh, ow) == (sh, sw),
+            D_PER=plan.d_per_program, BLOCK_B=plan.block_b, BLOCK_N=block_n, BLOCK_C=plan.router_block_c,
+            BLOCK=plan.block,
         )
     return ForwardResult(out, routing, emb, probs, mixw)
 
 
 def backward(
-    grad_out: torch.Tensor,
-    grad_routing: torch.Tensor,
+    grad_out: torch.Tensor | None,
+    grad_routing: torch.Tensor | None,
     weight: torch.Tensor,
     prompts: torch.Tensor,
     emb: torch.Tensor,
@@ -456,68 +547,80 @@ def backward(
     temperature: float,
     renorm: bool,
     in_size: tuple[int, int],
+    out_size: tuple[int, int],
+    *,
+    plan: BackwardPlan | None = None,
 ) -> BackwardResult:
     """Gradients of (out, routing) w.r.t. the pooled x, weight, bias and prompts.
 
-    ``grad_out`` ``(B,D,H',W')`` is read through its strides; ``grad_routing`` ``(B,N)``;
-    ``emb``/``probs``/``mixw`` are the fp32 tensors the forward returned; ``in_size`` is x's (H, W).
+    ``grad_out`` ``(B,D,H',W')`` and ``grad_routing`` ``(B,N)`` are read through their strides (broadcast
+    views included); either may be None (no gradient reached that output: nothing is read or zero-filled,
+    and without grad_out the prompt-grad kernel is not launched and ``grad_prompts`` is None).
+    ``emb``/``probs``/``mixw`` are the fp32 tensors the forward returned; ``in_size`` is x's (H, W) and
+    ``out_size`` the output's.
     """
-    b, d, oh, ow = grad_out.shape
-    n, _, sh, sw = prompts.shape
-    c = weight.shape[1]
+    b, c = emb.shape
+    n, d, sh, sw = prompts.shape
+    oh, ow = int(out_size[0]), int(out_size[1])
     _check_components(n)
-    device = grad_out.device
+    device = emb.device
+    grad_dtype = grad_out.dtype if grad_out is not None else grad_routing.dtype
+    if plan is None:
+        plan = backward_plan(b, c, n, d, sh, cuda=emb.is_cuda, sms=sm_count(device))
     block_n = _pow2(n, 2)
-    grad_routing = grad_routing.to(torch.float32).contiguous()
-    with _device_guard(grad_out):
-        if grad_out.is_cuda:
-            block_b = min(_pow2(b), 4)
-            block = min(_pow2(sh * sw, 32), max(32, 2048 // (block_n * block_b)))
-        else:
-            block_b, block = min(_pow2(b), 16), min(_pow2(sh * sw), 1024)
-        s_blocks = triton.cdiv(sh * sw, block)
-        parts = s_blocks * d
-        dmix_part = _empty((parts, b, block_n), dtype=torch.float32, device=device)
-        grad_prompts = _empty((n, d, sh, sw), dtype=prompts.dtype, device=device)
-        _prompt_grad_kernel[(s_blocks, d)](
-            grad_out, prompts, mixw, grad_prompts, dmix_part,
-            b, n, d, sh, sw, oh, ow, sh / oh, sw / ow, (2 * oh) // sh + 2, (2 * ow) // sw + 2,
-            *grad_out.stride(), *prompts.stride(),
-            IDENTITY=(oh, ow) == (sh, sw), BLOCK_B=block_b, BLOCK_N=block_n, BLOCK=block,
-        )
-        dlogits = _empty((b, n), dtype=torch.float32, device=device)
-        grad_emb = _empty((b, c), dtype=grad_out.dtype, device=device)
-        block_c = min(_pow2(c), max(16, 4096 // block_n))
-        _router_grad_kernel[(b,)](
-            dmix_part, grad_routing, probs, mixw, weight, dlogits, grad_emb,
-            b, c, n, parts, int(k), float(temperature), 1.0 / (in_size[0] * in_size[1]),
-            weight.stride(0), weight.stride(1),
-            RENORM=bool(renorm) and k < n, BLOCK_N=block_n,
-            BLOCK_P=min(_pow2(parts), max(16, 4096 // block_n)), BLOCK_C=block_c,
-        )
+    topk = k < n
+    with device_guard(device):
+        grad_prompts = None
+        dmix_part, parts = emb, 0
+        if grad_out is not None:
+            s_blocks = triton.cdiv(sh * sw, plan.block)
+            d_groups = triton.cdiv(d, plan.d_per_program)
+            parts = s_blocks * d_groups
+            dmix_part = _empty((b, parts, block_n), dtype=torch.float32, device=device)
+            grad_prompts = _empty((n, d, sh, sw), dtype=prompts.dtype, device=device)
+            _prompt_grad_kernel[(s_blocks, d_groups)](
+                grad_out, prompts, mixw, grad_prompts, dmix_part,
+                b, n, d, sh, sw, oh, ow, sh / oh, sw / ow, (2 * oh) // sh + 2, (2 * ow) // sw + 2,
+                *grad_out.stride(), *prompts.stride(),
+                IDENTITY=(oh, ow) == (sh, sw), D_PER=plan.d_per_program, BLOCK_B=plan.block_b,
+                BLOCK_N=block_n, BLOCK=plan.block,
+            )
+        grad_emb = _empty((b, c), dtype=grad_dtype, device=device)
         grad_weight = _empty((n, c), dtype=weight.dtype, device=device)
         grad_bias = _empty((n,), dtype=weight.dtype, device=device)
-        _param_grad_kernel[(triton.cdiv(c, block_c),)](
-            dlogits, emb, grad_weight, grad_bias, b, c, n, BLOCK_N=block_n, BLOCK_C=block_c,
+        _router_grad_kernel[(triton.cdiv(c, plan.block_c),)](
+            dmix_part, grad_routing if grad_routing is not None else probs, probs, mixw, emb, weight,
+            grad_emb, grad_weight, grad_bias,
+            b, c, n, parts, int(k), float(temperature), 1.0 / (in_size[0] * in_size[1]),
+            weight.stride(0), weight.stride(1),
+            *(grad_routing.stride() if grad_routing is not None else (0, 0)),
+            HAS_PARTS=grad_out is not None, HAS_GRAD_ROUTING=grad_routing is not None, TOPK=topk,
+            RENORM=bool(renorm) and topk, BLOCK_N=block_n, BLOCK_P=plan.block_p, BLOCK_C=plan.block_c,
         )
     return BackwardResult(grad_emb, grad_weight, grad_bias, grad_prompts)
 
 
-__all__ = ["BackwardResult", "ForwardResult", "MAX_COMPONENTS", "backward", "forward"]
+__all__ = [
+    "BackwardPlan", "BackwardResult", "ForwardPlan", "ForwardResult", "MAX_COMPONENTS", "backward",
+    "backward_plan", "forward", "forward_plan",
+]
 
 
 def audit_cases(dtype: torch.dtype):
     """Launches users reach (PromptIR's three prompt levels at SPEC §8 training and inference shapes, 4K,
-    channels-last, up to MAX_COMPONENTS components) for the compile audit (``cplfast.kernels.audit``)."""
+    channels-last, renorm, a gradient on only one output, up to MAX_COMPONENTS components) for the compile
+    audit (``cplfast.kernels.audit``)."""
     from .audit import AuditCase, fake
 
-    def case(b, c, h, w, n, d, s, k, *, order=None, renorm=False):
+    def case(b, c, h, w, n, d, s, k, *, order=None, renorm=False, grads=(True, True)):
         def run():
             x = fake((b, c, h, w), dtype, order)
             weight, bias, prompts = fake((n, c), dtype), fake((n,), dtype), fake((n, d, s, s), dtype)
             res = forward(x, weight, bias, prompts, k, 1.0, renorm, (h, w))
-            backward(fake((b, d, h, w), dtype), fake((b, n), dtype), weight, prompts, res.emb, res.probs, res.mixw,
-                     k, 1.0, renorm, (h, w))
+            grad_out = fake((b, d, h, w), dtype) if grads[0] else None
+            grad_routing = fake((b, n), dtype) if grads[1] else None
+            backward(grad_out, grad_routing, weight, prompts, res.emb, res.probs, res.mixw,
+                     k, 1.0, renorm, (h, w), (h, w))
         return run
 
     levels = [(96, 64, 64, 64), (192, 128, 32, 32), (384, 320, 16, 16)]  # (C, D, S, H=W) at 128² patches
@@ -525,7 +628,12 @@ def audit_cases(dtype: torch.dtype):
         yield AuditCase(f"prompt{i} train k=1", case(8, c, hw, hw, 5, d, s, 1), quick=i == 1)
         yield AuditCase(f"prompt{i} train dense", case(8, c, hw, hw, 5, d, s, 5))
         yield AuditCase(f"prompt{i} train channels-last", case(8, c, hw, hw, 5, d, s, 1, order=(0, 2, 3, 1)))
+        yield AuditCase(f"prompt{i} train k=2 renorm, out grad only", case(8, c, hw, hw, 5, d, s, 2, renorm=True,
+                                                                            grads=(True, False)))
         yield AuditCase(f"prompt{i} 512² infer", case(1, c, hw * 4, hw * 4, 5, d, s, 1))
         yield AuditCase(f"prompt{i} 3840x2160 infer", case(1, c, 2160 >> (i - 1), 3840 >> (i - 1), 5, d, s, 1))
+    yield AuditCase("prompt1 routing grad only", case(8, 96, 64, 64, 5, 64, 64, 1, grads=(False, True)))
+    yield AuditCase("prompt1 B=32", case(32, 96, 64, 64, 5, 64, 64, 1))
     yield AuditCase("N=64 k=3 renorm", case(4, 96, 64, 64, 64, 64, 64, 3, renorm=True))
+    yield AuditCase("N=64 k=60 renorm", case(4, 96, 64, 64, 64, 64, 64, 60, renorm=True))
     yield AuditCase(f"N={MAX_COMPONENTS} k=1", case(2, 48, 32, 32, MAX_COMPONENTS, 32, 16, 1))

@@ -5,11 +5,16 @@ Two custom ops, both opaque to ``torch.compile`` (fake implementations give thei
 * ``cplfast::sparse_prompt(x, weight, bias, prompts, k, temperature, renorm, out_h, out_w)``
   -> ``(out (B,D,out_h,out_w), routing (B,N), emb (B,C) f32, probs (B,N) f32, mixw (B,N) f32)``;
   the last three are saved for the backward and are not differentiable.
-* ``cplfast::sparse_prompt_backward(grad_out, grad_routing, weight, prompts, emb, probs, mixw, k,
-  temperature, renorm, in_h, in_w)`` -> ``(grad_emb (B,C), grad_weight, grad_bias, grad_prompts)``.
+* ``cplfast::sparse_prompt_backward(grad_out?, grad_routing?, weight, prompts, emb, probs, mixw, k,
+  temperature, renorm, in_h, in_w, out_h, out_w)`` -> ``(grad_emb (B,C), grad_weight, grad_bias, grad_prompts)``;
+  either incoming gradient may be None (its output did not reach the loss). Without ``grad_out``,
+  ``grad_prompts`` is an empty ``(0,)`` tensor (no prompt gradient is computed or zero-filled) and the
+  autograd formula hands None to ``prompts``.
 
 The autograd formula returns ``grad_x = grad_emb[:, :, None, None].expand(B, C, H, W)``: the exact
-gradient of the spatial mean, as a broadcast view rather than a written (B,C,H,W) tensor.
+gradient of the spatial mean, as a broadcast view rather than a written (B,C,H,W) tensor. Gradients are
+not materialised (``ctx.set_materialize_grads(False)``): an unused output costs no zero fill, and the
+non-differentiable emb/probs/mixw outputs none either.
 """
 
 from __future__ import annotations
@@ -56,8 +61,8 @@ def _(x, weight, bias, prompts, k, temperature, renorm, out_h, out_w):
 
 @torch.library.custom_op("cplfast::sparse_prompt_backward", mutates_args=())
 def sparse_prompt_backward_op(
-    grad_out: Tensor,
-    grad_routing: Tensor,
+    grad_out: Optional[Tensor],
+    grad_routing: Optional[Tensor],
     weight: Tensor,
     prompts: Tensor,
     emb: Tensor,
@@ -68,21 +73,29 @@ def sparse_prompt_backward_op(
     renorm: bool,
     in_h: int,
     in_w: int,
+    out_h: int,
+    out_w: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    result = _kernels.backward(
-        grad_out, grad_routing, weight, prompts, emb, probs, mixw, k, temperature, renorm, (in_h, in_w)
+    if grad_out is None and grad_routing is None:
+        raise ValueError("sparse_prompt_backward: grad_out and grad_routing are both None")
+    grad_emb, grad_weight, grad_bias, grad_prompts = _kernels.backward(
+        grad_out, grad_routing, weight, prompts, emb, probs, mixw, k, temperature, renorm, (in_h, in_w),
+        (out_h, out_w),
     )
-    return tuple(result)
+    if grad_prompts is None:
+        grad_prompts = prompts.new_empty((0,))
+    return grad_emb, grad_weight, grad_bias, grad_prompts
 
 
 @sparse_prompt_backward_op.register_fake
-def _(grad_out, grad_routing, weight, prompts, emb, probs, mixw, k, temperature, renorm, in_h, in_w):
+def _(grad_out, grad_routing, weight, prompts, emb, probs, mixw, k, temperature, renorm, in_h, in_w, out_h, out_w):
     n, c = weight.shape
+    grad_dtype = grad_out.dtype if grad_out is not None else grad_routing.dtype
     return (
-        grad_out.new_empty((emb.shape[0], c)),
+        emb.new_empty((emb.shape[0], c), dtype=grad_dtype),
         weight.new_empty((n, c)),
         weight.new_empty((n,)),
-        prompts.new_empty(prompts.shape),
+        prompts.new_empty(prompts.shape if grad_out is not None else (0,)),
     )
 
 
@@ -90,6 +103,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, prompts, k, temperature, renorm, _, _ = inputs
     _, _, emb, probs, mixw = output
     ctx.mark_non_differentiable(emb, probs, mixw)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(weight, prompts, emb, probs, mixw)
     ctx.x_shape = tuple(x.shape)
     ctx.out_shape = tuple(output[0].shape)
@@ -101,15 +115,14 @@ def _backward(ctx, grad_out, grad_routing, *_unused):
     weight, prompts, emb, probs, mixw = ctx.saved_tensors
     b, c, h, w = ctx.x_shape
     k, temperature, renorm = ctx.config
-    if grad_out is None:
-        grad_out = prompts.new_zeros(ctx.out_shape)
-    if grad_routing is None:
-        grad_routing = probs.new_zeros(probs.shape)
+    if grad_out is None and grad_routing is None:
+        return None, None, None, None, None, None, None, None, None
     grad_emb, grad_weight, grad_bias, grad_prompts = sparse_prompt_backward_op(
-        grad_out, grad_routing, weight, prompts, emb, probs, mixw, k, temperature, renorm, h, w
+        grad_out, grad_routing, weight, prompts, emb, probs, mixw, k, temperature, renorm, h, w, *ctx.out_shape[2:]
     )
     grad_x = grad_emb[:, :, None, None].expand(b, c, h, w)
-    return grad_x, grad_weight, grad_bias if ctx.has_bias else None, grad_prompts, None, None, None, None, None
+    return (grad_x, grad_weight, grad_bias if ctx.has_bias else None, grad_prompts if grad_out is not None else None,
+            None, None, None, None, None)
 
 
 sparse_prompt_op.register_autograd(_backward, setup_context=_setup_context)
