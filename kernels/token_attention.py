@@ -6,8 +6,11 @@ q ``(B,h,L,d)`` (pixels); k, v ``(B,h,M,d)`` with few prompt tokens (M <= 64)::
     P = softmax(S, -1)
     out = P @ v
 
-All M keys and values of a (b,h) fit in one tile, so each program loads them once and streams its
-share of the pixels: one exact softmax per row, no online rescaling.
+Forward: one program per block of ``BLOCK_L`` pixels of one (b,h) (grid ``B*h*cdiv(L, BLOCK_L)`` on axis 0).
+All M keys fit in one tile, so each row gets one exact softmax in a single pass, no online rescaling.
+The head dimension is walked in ``N_CHUNKS`` chunks of ``D_CHUNK`` columns (a power of two >= 16, chosen
+so d is padded as little as possible): the scores accumulate over the chunks of q and k, then each
+chunk of the output is ``P @ v_chunk``.
 
 Backward (P recomputed from q and k; nothing but the inputs is saved)::
 
@@ -15,21 +18,30 @@ Backward (P recomputed from q and k; nothing but the inputs is saved)::
     dq = scale * dS @ k                                     (written per pixel block)
     dk = scale * sum_L dS^T @ q,   dv = sum_L P^T @ dout     (reductions over L)
 
-The reductions over L accumulate in registers over each program's share of the pixels and are written
-as fp32 partials ``(B*h, splits, M, d)``, then summed in a fixed order: deterministic, unlike fp32
-atomics, and cheap, as a partial is only ``M x d`` against the ``L x d`` tiles that produced it.
+One program per (b,h, split) walks its share of the pixel blocks and accumulates dk and dv for the
+``N_CHUNKS`` head-dimension chunks in registers (at most four chunk accumulators of ``(BLOCK_M, D_CHUNK)``
+each, so the live registers are ``2 * M * d``-sized, not padded to a power of two of d). It writes them as
+fp32 partials ``(2, splits, B*h, M, d)``; a second kernel sums the partials of each element in a fixed
+order and casts: deterministic, unlike fp32 atomics, and cheap, as a partial is only ``M x d`` against
+the ``>= 8M x d`` tiles that produced it.
+
+Launches: forward 1, backward 2.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import math
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from .channel_attention import default_splits, dot_precision
+from ._device import device_guard, dot_precision, sm_count
+
+LOG2E = 1.4426950408889634
+MAX_CHUNKS = 4
 
 
 def _empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -37,60 +49,133 @@ def _empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> to
     return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
+# ----------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------
+
+
 @triton.jit
-def _token_probs(q, k_t, scale, tok_ok, PRECISION: tl.constexpr):
-    """Softmax over the M tokens of ``q @ k^T * scale``; padded tokens get probability 0."""
-    scores = tl.dot(q, k_t, input_precision=PRECISION) * scale
-    scores = tl.where(tok_ok[None, :], scores, float("-inf"))
-    expd = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-    return expd / tl.sum(expd, axis=1)[:, None]
+def _scores(
+    acc, a_rows, a_ok, sa_d, kt_cols, tok_ok, sk_d, D,
+    c: tl.constexpr, D_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``acc + a[:, chunk c] @ k[:, chunk c]^T`` for a ``(BLOCK_L, D_CHUNK)`` tile of rows ``a_rows``."""
+    dim = c * D_CHUNK + tl.arange(0, D_CHUNK)
+    dim_ok = dim < D
+    a = tl.load(a_rows[:, None] + dim[None, :] * sa_d, mask=a_ok[:, None] & dim_ok[None, :], other=0.0)
+    kt = tl.load(kt_cols[None, :] + dim[:, None] * sk_d, mask=dim_ok[:, None] & tok_ok[None, :], other=0.0)
+    return tl.dot(a.to(tl.float32), kt.to(tl.float32), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _softmax(raw, tok_ok, qk_scale):
+    """Row softmax of ``raw * scale`` (``qk_scale = scale * log2(e)``, scale > 0); padded tokens get 0.
+
+    The row maximum is subtracted before scaling, so the dominant token's exponent is exactly 0."""
+    raw = tl.where(tok_ok[None, :], raw, float("-inf"))
+    expd = tl.exp2((raw - tl.max(raw, axis=1)[:, None]) * qk_scale)
+    return expd * (1.0 / tl.sum(expd, axis=1))[:, None]
 
 
 @triton.jit
 def _token_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
-    H, L, M, D, scale, blocks_per_split,
+    H, L, M, D, qk_scale, n_lblocks,
     sq_b, sq_h, sq_l, sq_d,
     sk_b, sk_h, sk_m, sk_d,
     sv_b, sv_h, sv_m, sv_d,
     so_b, so_h, so_l, so_d,
     BLOCK_L: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    D_CHUNK: tl.constexpr,
+    N_CHUNKS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    batch = (pid_bh // H).to(tl.int64)
-    head = (pid_bh % H).to(tl.int64)
-
+    pid = tl.program_id(0)
+    bh = pid // n_lblocks
+    batch = (bh // H).to(tl.int64)
+    head = (bh % H).to(tl.int64)
+    pix = (pid - bh * n_lblocks).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    pix_ok = pix < L
     tok = tl.arange(0, BLOCK_M)
-    dim = tl.arange(0, BLOCK_D)
     tok_ok = tok < M
-    dim_ok = dim < D
-    k_base = k_ptr + batch * sk_b + head * sk_h
-    v_base = v_ptr + batch * sv_b + head * sv_h
-    k_t = tl.load(k_base + tok[None, :] * sk_m + dim[:, None] * sk_d, mask=dim_ok[:, None] & tok_ok[None, :], other=0.0)
-    v = tl.load(v_base + tok[:, None] * sv_m + dim[None, :] * sv_d, mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
-    k_t = k_t.to(tl.float32)
-    v = v.to(tl.float32)
 
-    q_base = q_ptr + batch * sq_b + head * sq_h
-    o_base = out_ptr + batch * so_b + head * so_h
-    first = split.to(tl.int64) * blocks_per_split * BLOCK_L
-    for i in range(0, blocks_per_split):
-        pix = first + i * BLOCK_L + tl.arange(0, BLOCK_L)
-        mask = (pix[:, None] < L) & dim_ok[None, :]
-        q = tl.load(q_base + pix[:, None] * sq_l + dim[None, :] * sq_d, mask=mask, other=0.0).to(tl.float32)
-        probs = _token_probs(q, k_t, scale, tok_ok, PRECISION)
-        out = tl.dot(probs, v, input_precision=PRECISION)
-        tl.store(o_base + pix[:, None] * so_l + dim[None, :] * so_d, out.to(out_ptr.dtype.element_ty), mask=mask)
+    q_rows = q_ptr + batch * sq_b + head * sq_h + pix * sq_l
+    kt_cols = k_ptr + batch * sk_b + head * sk_h + tok * sk_m
+    raw = tl.zeros((BLOCK_L, BLOCK_M), dtype=tl.float32)
+    for c in tl.static_range(N_CHUNKS):
+        raw = _scores(raw, q_rows, pix_ok, sq_d, kt_cols, tok_ok, sk_d, D, c, D_CHUNK, PRECISION)
+    probs = _softmax(raw, tok_ok, qk_scale)
+
+    v_rows = v_ptr + batch * sv_b + head * sv_h + tok * sv_m
+    o_rows = out_ptr + batch * so_b + head * so_h + pix * so_l
+    for c in tl.static_range(N_CHUNKS):
+        dim = c * D_CHUNK + tl.arange(0, D_CHUNK)
+        dim_ok = dim < D
+        v = tl.load(v_rows[:, None] + dim[None, :] * sv_d, mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
+        out = tl.dot(probs, v.to(tl.float32), input_precision=PRECISION)
+        tl.store(o_rows[:, None] + dim[None, :] * so_d, out.to(out_ptr.dtype.element_ty),
+                 mask=pix_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _probs_and_dscores(
+    q_rows, g_rows, pix_ok, sq_d, sg_d, k_rows, v_rows, tok_ok, sk_d, sv_d, D, qk_scale,
+    BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """P and dS = P * (dP - rowsum(P * dP)), dP = dout @ v^T, for one block of pixels."""
+    raw = tl.zeros((BLOCK_L, BLOCK_M), dtype=tl.float32)
+    dprobs = tl.zeros((BLOCK_L, BLOCK_M), dtype=tl.float32)
+    for c in tl.static_range(N_CHUNKS):
+        raw = _scores(raw, q_rows, pix_ok, sq_d, k_rows, tok_ok, sk_d, D, c, D_CHUNK, PRECISION)
+        dprobs = _scores(dprobs, g_rows, pix_ok, sg_d, v_rows, tok_ok, sv_d, D, c, D_CHUNK, PRECISION)
+    probs = _softmax(raw, tok_ok, qk_scale)
+    return probs, probs * (dprobs - tl.sum(probs * dprobs, axis=1)[:, None])
+
+
+@triton.jit
+def _store_dq(dq_rows, ds, k_rows, pix_ok, tok_ok, D, sdq_d, sk_d, scale,
+              c: tl.constexpr, D_CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+    dim = c * D_CHUNK + tl.arange(0, D_CHUNK)
+    dim_ok = dim < D
+    k = tl.load(k_rows[:, None] + dim[None, :] * sk_d, mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
+    dq = tl.dot(ds, k.to(tl.float32), input_precision=PRECISION) * scale
+    tl.store(dq_rows[:, None] + dim[None, :] * sdq_d, dq.to(dq_rows.dtype.element_ty),
+             mask=pix_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _bwd_chunk(
+    dk, dv, ds, probs, q_rows, g_rows, dq_rows, k_rows, pix_ok, tok_ok, D, sq_d, sg_d, sdq_d, sk_d, scale,
+    c: tl.constexpr, D_CHUNK: tl.constexpr, PRECISION: tl.constexpr, WITH_DQ: tl.constexpr,
+):
+    """Head-dimension chunk ``c`` of one pixel block: store dq (``WITH_DQ``), return the dk, dv accumulators updated."""
+    if WITH_DQ:
+        _store_dq(dq_rows, ds, k_rows, pix_ok, tok_ok, D, sdq_d, sk_d, scale, c, D_CHUNK, PRECISION)
+    dim = c * D_CHUNK + tl.arange(0, D_CHUNK)
+    mask = pix_ok[:, None] & (dim < D)[None, :]
+    q = tl.load(q_rows[:, None] + dim[None, :] * sq_d, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_rows[:, None] + dim[None, :] * sg_d, mask=mask, other=0.0).to(tl.float32)
+    # rows past L have q = 0 and dout = 0, so they add nothing to either reduction
+    dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION)
+    dv = tl.dot(tl.trans(probs), g, dv, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _store_partial(ws, dk, dv, part, half, tok, tok_ok, D, c: tl.constexpr, D_CHUNK: tl.constexpr):
+    dim = c * D_CHUNK + tl.arange(0, D_CHUNK)
+    tile = tok[:, None] * D + dim[None, :]
+    mask = tok_ok[:, None] & (dim < D)[None, :]
+    tl.store(ws + part + tile, dk, mask=mask)
+    tl.store(ws + half + part + tile, dv, mask=mask)
 
 
 @triton.jit
 def _token_attention_bwd_kernel(
-    dout_ptr, q_ptr, k_ptr, v_ptr, dq_ptr, dk_ws, dv_ws,
-    H, L, M, D, scale, blocks_per_split,
+    dout_ptr, q_ptr, k_ptr, v_ptr, dq_ptr, ws,
+    H, L, M, D, scale, qk_scale, splits, blocks_per_split, size, half,
     sg_b, sg_h, sg_l, sg_d,
     sq_b, sq_h, sq_l, sq_d,
     sk_b, sk_h, sk_m, sk_d,
@@ -98,130 +183,268 @@ def _token_attention_bwd_kernel(
     sdq_b, sdq_h, sdq_l, sdq_d,
     BLOCK_L: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    D_CHUNK: tl.constexpr,
+    N_CHUNKS: tl.constexpr,
     PRECISION: tl.constexpr,
+    WITH_DQ: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    batch = (pid_bh // H).to(tl.int64)
-    head = (pid_bh % H).to(tl.int64)
-
+    pid = tl.program_id(0)
+    bh = pid // splits
+    split = pid - bh * splits
+    batch = (bh // H).to(tl.int64)
+    head = (bh % H).to(tl.int64)
     tok = tl.arange(0, BLOCK_M)
-    dim = tl.arange(0, BLOCK_D)
     tok_ok = tok < M
-    dim_ok = dim < D
-    tile_mask = tok_ok[:, None] & dim_ok[None, :]
-    tile_mask_t = dim_ok[:, None] & tok_ok[None, :]
-    k_base = k_ptr + batch * sk_b + head * sk_h
-    v_base = v_ptr + batch * sv_b + head * sv_h
-    k = tl.load(k_base + tok[:, None] * sk_m + dim[None, :] * sk_d, mask=tile_mask, other=0.0).to(tl.float32)
-    k_t = tl.load(k_base + tok[None, :] * sk_m + dim[:, None] * sk_d, mask=tile_mask_t, other=0.0).to(tl.float32)
-    v_t = tl.load(v_base + tok[None, :] * sv_m + dim[:, None] * sv_d, mask=tile_mask_t, other=0.0).to(tl.float32)
 
-    dk = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    g_base = dout_ptr + batch * sg_b + head * sg_h
     q_base = q_ptr + batch * sq_b + head * sq_h
+    g_base = dout_ptr + batch * sg_b + head * sg_h
     dq_base = dq_ptr + batch * sdq_b + head * sdq_h
+    k_rows = k_ptr + batch * sk_b + head * sk_h + tok * sk_m
+    v_rows = v_ptr + batch * sv_b + head * sv_h + tok * sv_m
+    dk0 = tl.zeros((BLOCK_M, D_CHUNK), dtype=tl.float32)
+    dv0 = tl.zeros((BLOCK_M, D_CHUNK), dtype=tl.float32)
+    dk1 = tl.zeros((BLOCK_M, D_CHUNK), dtype=tl.float32)
+    dv1 = tl.zeros((BLOCK_M, D_CHUNK), dtype=tl.float32)
+    dk2 = tl.zeros((BLOCK_M, D_CHUNK), dtype=tl.float32)
+    dv2 = tl.zeros((BLOCK_M, D_CHUNK), dtype=tl.float32)
+    dk3 = tl.zeros((BLOCK_M, D_CHUNK), dtype=tl.float32)
+    dv3 = tl.zeros((BLOCK_M, D_CHUNK), dtype=tl.float32)
     first = split.to(tl.int64) * blocks_per_split * BLOCK_L
     for i in range(0, blocks_per_split):
         pix = first + i * BLOCK_L + tl.arange(0, BLOCK_L)
-        mask = (pix[:, None] < L) & dim_ok[None, :]
-        q = tl.load(q_base + pix[:, None] * sq_l + dim[None, :] * sq_d, mask=mask, other=0.0).to(tl.float32)
-        dout = tl.load(g_base + pix[:, None] * sg_l + dim[None, :] * sg_d, mask=mask, other=0.0).to(tl.float32)
-        probs = _token_probs(q, k_t, scale, tok_ok, PRECISION)
-        dprobs = tl.dot(dout, v_t, input_precision=PRECISION)
-        dscores = probs * (dprobs - tl.sum(probs * dprobs, axis=1)[:, None])
-        dq = tl.dot(dscores, k, input_precision=PRECISION) * scale
-        tl.store(dq_base + pix[:, None] * sdq_l + dim[None, :] * sdq_d, dq.to(dq_ptr.dtype.element_ty), mask=mask)
-        # rows past L have q = 0 (uniform probs) but dout = 0, so they add nothing below
-        dk += tl.dot(tl.trans(dscores), q, input_precision=PRECISION)
-        dv += tl.dot(tl.trans(probs), dout, input_precision=PRECISION)
+        pix_ok = pix < L
+        q_rows = q_base + pix * sq_l
+        g_rows = g_base + pix * sg_l
+        dq_rows = dq_base + pix * sdq_l
+        probs, ds = _probs_and_dscores(q_rows, g_rows, pix_ok, sq_d, sg_d, k_rows, v_rows, tok_ok, sk_d, sv_d, D,
+                                       qk_scale, BLOCK_L, BLOCK_M, D_CHUNK, N_CHUNKS, PRECISION)
+        dk0, dv0 = _bwd_chunk(dk0, dv0, ds, probs, q_rows, g_rows, dq_rows, k_rows, pix_ok, tok_ok, D,
+                              sq_d, sg_d, sdq_d, sk_d, scale, 0, D_CHUNK, PRECISION, WITH_DQ)
+        if N_CHUNKS > 1:
+            dk1, dv1 = _bwd_chunk(dk1, dv1, ds, probs, q_rows, g_rows, dq_rows, k_rows, pix_ok, tok_ok, D,
+                                  sq_d, sg_d, sdq_d, sk_d, scale, 1, D_CHUNK, PRECISION, WITH_DQ)
+        if N_CHUNKS > 2:
+            dk2, dv2 = _bwd_chunk(dk2, dv2, ds, probs, q_rows, g_rows, dq_rows, k_rows, pix_ok, tok_ok, D,
+                                  sq_d, sg_d, sdq_d, sk_d, scale, 2, D_CHUNK, PRECISION, WITH_DQ)
+        if N_CHUNKS > 3:
+            dk3, dv3 = _bwd_chunk(dk3, dv3, ds, probs, q_rows, g_rows, dq_rows, k_rows, pix_ok, tok_ok, D,
+                                  sq_d, sg_d, sdq_d, sk_d, scale, 3, D_CHUNK, PRECISION, WITH_DQ)
 
-    part = (pid_bh.to(tl.int64) * n_splits + split) * M * D
-    tile = tok[:, None] * D + dim[None, :]
-    tl.store(dk_ws + part + tile, dk * scale, mask=tile_mask)
-    tl.store(dv_ws + part + tile, dv, mask=tile_mask)
-
-
-class _Plan:
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, block_l: int | None, splits: int | None):
-        batch, heads, length, d = q.shape
-        self.bh = batch * heads
-        self.length = length
-        self.m = k.shape[2]
-        self.d = d
-        self.block_m = max(16, triton.next_power_of_2(self.m))
-        self.block_d = max(16, triton.next_power_of_2(d))
-        on_gpu = q.device.type == "cuda"
-        tile = self.block_m * self.block_d  # registers per M x d tile; the backward holds ~5 of them
-        self.block_l = block_l or (32 if on_gpu and tile > 64 * 64 else 64)
-        self.blocks = triton.cdiv(length, self.block_l)
-        self.splits = min(splits or default_splits(q.device, self.bh, self.blocks), self.blocks)
-        self.blocks_per_split = triton.cdiv(self.blocks, self.splits)
-        self.num_warps = 8 if tile >= 64 * 64 else 4
-        self.precision = dot_precision(q.dtype, q.device)
+    part = split.to(tl.int64) * size + bh.to(tl.int64) * M * D
+    _store_partial(ws, dk0 * scale, dv0, part, half, tok, tok_ok, D, 0, D_CHUNK)
+    if N_CHUNKS > 1:
+        _store_partial(ws, dk1 * scale, dv1, part, half, tok, tok_ok, D, 1, D_CHUNK)
+    if N_CHUNKS > 2:
+        _store_partial(ws, dk2 * scale, dv2, part, half, tok, tok_ok, D, 2, D_CHUNK)
+    if N_CHUNKS > 3:
+        _store_partial(ws, dk3 * scale, dv3, part, half, tok, tok_ok, D, 3, D_CHUNK)
 
 
-def _guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+@triton.jit
+def _token_attention_dq_kernel(
+    dout_ptr, q_ptr, k_ptr, v_ptr, dq_ptr,
+    H, L, M, D, scale, qk_scale, n_lblocks,
+    sg_b, sg_h, sg_l, sg_d,
+    sq_b, sq_h, sq_l, sq_d,
+    sk_b, sk_h, sk_m, sk_d,
+    sv_b, sv_h, sv_m, sv_d,
+    sdq_b, sdq_h, sdq_l, sdq_d,
+    BLOCK_L: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    D_CHUNK: tl.constexpr,
+    N_CHUNKS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dq alone, one program per pixel block (grid as the forward's), for plans whose fused backward
+    would hold too many registers: ``dS @ k`` reduces over all M tokens at once."""
+    pid = tl.program_id(0)
+    bh = pid // n_lblocks
+    batch = (bh // H).to(tl.int64)
+    head = (bh % H).to(tl.int64)
+    pix = (pid - bh * n_lblocks).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    pix_ok = pix < L
+    tok = tl.arange(0, BLOCK_M)
+    tok_ok = tok < M
+    k_rows = k_ptr + batch * sk_b + head * sk_h + tok * sk_m
+    v_rows = v_ptr + batch * sv_b + head * sv_h + tok * sv_m
+    q_rows = q_ptr + batch * sq_b + head * sq_h + pix * sq_l
+    g_rows = dout_ptr + batch * sg_b + head * sg_h + pix * sg_l
+    dq_rows = dq_ptr + batch * sdq_b + head * sdq_h + pix * sdq_l
+    probs, ds = _probs_and_dscores(q_rows, g_rows, pix_ok, sq_d, sg_d, k_rows, v_rows, tok_ok, sk_d, sv_d, D,
+                                   qk_scale, BLOCK_L, BLOCK_M, D_CHUNK, N_CHUNKS, PRECISION)
+    for c in tl.static_range(N_CHUNKS):
+        _store_dq(dq_rows, ds, k_rows, pix_ok, tok_ok, D, sdq_d, sk_d, scale, c, D_CHUNK, PRECISION)
 
 
-def token_attention_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    *,
-    block_l: int | None = None,
-    splits: int | None = None,
-) -> torch.Tensor:
-    """``softmax(q @ k^T * scale) @ v`` -> ``(B,h,L,d)`` in q's dtype (contiguous)."""
-    plan = _Plan(q, k, block_l, splits)
-    heads = q.shape[1]
+@triton.jit
+def _sum_partials_kernel(ws, dk_ptr, dv_ptr, size, splits, half, BLOCK: tl.constexpr):
+    """``dk[e] = sum_s ws[0, s, e]`` and ``dv[e] = sum_s ws[1, s, e]`` (e indexes ``(B*h, M, d)``), summed in
+    split order; axis 1 of the grid picks dk (0) or dv (1)."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < size
+    which = tl.program_id(1)
+    src = ws + which.to(tl.int64) * half + idx
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, splits):
+        acc += tl.load(src + s * size, mask=ok, other=0.0)
+    if which == 0:
+        tl.store(dk_ptr + idx, acc.to(dk_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(dv_ptr + idx, acc.to(dv_ptr.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch plans
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Launch settings of one kernel: pixel block, token block, head-dimension chunking, warps, splits
+    (backward: programs per (b,h) over L) and the ``tl.dot`` input precision."""
+
+    block_l: int
+    block_m: int
+    d_chunk: int
+    n_chunks: int
+    num_warps: int
+    precision: str
+    splits: int = 1
+    num_stages: int = 1
+    dq: "Plan | None" = None  # backward: dq by its own kernel with these settings, not in the dk/dv pass
+
+
+def _chunking(d: int, widest: int = 64) -> tuple[int, int]:
+    """``(D_CHUNK, N_CHUNKS)``: power-of-two chunks >= 16, at most ``MAX_CHUNKS`` of them, covering d with
+    the least padding (ties: fewer chunks, up to ``widest`` columns)."""
+    options = [(c * -(-d // c), -c, c) for c in (16, 32, 64, 128, 256) if -(-d // c) <= MAX_CHUNKS]
+    fitting = [o for o in options if o[2] <= widest] or options[:1]
+    _, _, chunk = min(fitting)
+    return chunk, -(-d // chunk)
+
+
+def _block_m(m: int) -> int:
+    return max(16, triton.next_power_of_2(m))
+
+
+def forward_plan(m: int, d: int, dtype: torch.dtype, precision: str, *, cuda: bool = True) -> Plan:
+    """Forward launch settings for M tokens, head dimension d (``precision``: :func:`dot_precision`).
+
+    With ``"ieee"`` dots (fp32 FMA) Triton holds each thread's rows and columns of both operands over
+    the whole reduction in registers, so the reductions are kept short: 16-column chunks of d for the
+    scores, and fewer pixels per program as M (the reduction of ``P @ v``) grows. Tensor-core dots
+    (tf32, tf32x3) hold fragments only, so they take wider chunks and more pixels."""
+    block_m = _block_m(m)
+    if not cuda:
+        d_chunk, n_chunks = _chunking(d, widest=32)
+        return Plan(32, block_m, d_chunk, n_chunks, 4, precision)
+    if precision == "ieee":
+        block_l = {16: 64, 32: 32}.get(block_m, 16)
+        return Plan(block_l, block_m, 16, -(-d // 16), 8, precision)
+    d_chunk, n_chunks = _chunking(d, widest=32)
+    return Plan(64, block_m, d_chunk, n_chunks, 4, precision)
+
+
+def backward_plan(length: int, bh: int, m: int, d: int, dtype: torch.dtype, precision: str, *, sms: int,
+                  cuda: bool = True) -> Plan:
+    """Backward launch settings; ``sms``: streaming multiprocessors (:func:`sm_count`) for the split count.
+
+    With ``"ieee"`` dots and M > 16, ``dq = dS @ k`` (a reduction over M) would need more registers next
+    to the dk/dv accumulators than a thread has, so dq gets its own kernel (``Plan.dq``), which
+    recomputes P and dS per pixel block as the forward does."""
+    block_m = _block_m(m)
+    d_chunk, n_chunks = _chunking(d, widest=32)
+    if not cuda:
+        block_l, num_warps, dq = 16, 4, None
+    elif precision == "ieee":
+        block_l, num_warps = 16, 8
+        dq = None if block_m <= 16 else Plan(16, block_m, 16, -(-d // 16), 8, precision)
+    else:
+        block_l, num_warps, dq = 32, 4, None
+    return Plan(block_l, block_m, d_chunk, n_chunks, num_warps, precision,
+                default_splits(length, bh, m, block_l, sms), dq=dq)
+
+
+def default_splits(length: int, bh: int, m: int, block_l: int, sms: int) -> int:
+    """Programs per (b,h) in the backward: four programs per SM over all (b,h), but each split covers at
+    least ``4 * max(M, 16)`` pixels so that its ``2 x M x d`` fp32 partials stay small next to the
+    ``3 x pixels x d`` it reads and writes."""
+    blocks = triton.cdiv(length, block_l)
+    wanted = triton.cdiv(4 * sms, bh)
+    most = max(1, blocks // triton.cdiv(4 * max(m, 16), block_l))
+    return max(1, min(wanted, most, blocks))
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------
+
+
+def token_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
+                            plan: Plan | None = None) -> torch.Tensor:
+    """``softmax(q @ k^T * scale) @ v`` -> ``(B,h,L,d)`` in q's dtype (contiguous). q ``(B,h,L,d)``, k and v
+    ``(B,h,M,d)``, any strides; ``plan`` overrides :func:`forward_plan` (tests)."""
+    batch, heads, length, d = q.shape
+    m = k.shape[2]
+    if plan is None:
+        plan = forward_plan(m, d, q.dtype, dot_precision(q.dtype, q.device), cuda=q.device.type == "cuda")
+    n_lblocks = triton.cdiv(length, plan.block_l)
     out = _empty(q.shape, q.dtype, q.device)
-    with _guard(q.device):
-        _token_attention_fwd_kernel[(plan.bh, plan.splits)](
+    with device_guard(q.device):
+        _token_attention_fwd_kernel[(batch * heads * n_lblocks,)](
             q, k, v, out,
-            heads, plan.length, plan.m, plan.d, float(scale), plan.blocks_per_split,
+            heads, length, m, d, float(scale) * LOG2E, n_lblocks,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            BLOCK_L=plan.block_l, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, PRECISION=plan.precision,
-            num_warps=plan.num_warps,
+            BLOCK_L=plan.block_l, BLOCK_M=plan.block_m, D_CHUNK=plan.d_chunk, N_CHUNKS=plan.n_chunks,
+            PRECISION=plan.precision, num_warps=plan.num_warps, num_stages=plan.num_stages,
         )
     return out
 
 
-def token_attention_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    *,
-    block_l: int | None = None,
-    splits: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(dq, dk, dv)`` in the inputs' dtype (contiguous)."""
-    plan = _Plan(q, k, block_l, splits)
-    batch, heads = q.shape[:2]
+SUM_BLOCK = 1024
+
+
+def token_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             scale: float, *, plan: Plan | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`token_attention_forward` for ``grad_out`` ``(B,h,L,d)``, in the inputs'
+    dtype (contiguous); ``plan`` overrides :func:`backward_plan` (tests)."""
+    batch, heads, length, d = q.shape
+    m = k.shape[2]
     dev = q.device
+    if plan is None:
+        plan = backward_plan(length, batch * heads, m, d, q.dtype, dot_precision(q.dtype, dev),
+                             sms=sm_count(dev), cuda=dev.type == "cuda")
+    blocks_per_split = triton.cdiv(triton.cdiv(length, plan.block_l), plan.splits)
+    size = batch * heads * m * d
     dq = _empty(q.shape, q.dtype, dev)
-    dk_ws = _empty((batch, heads, plan.splits, plan.m, plan.d), torch.float32, dev)
-    dv_ws = _empty((batch, heads, plan.splits, plan.m, plan.d), torch.float32, dev)
-    with _guard(dev):
-        _token_attention_bwd_kernel[(plan.bh, plan.splits)](
-            grad_out, q, k, v, dq, dk_ws, dv_ws,
-            heads, plan.length, plan.m, plan.d, float(scale), plan.blocks_per_split,
+    dk = _empty(k.shape, k.dtype, dev)
+    dv = _empty(v.shape, v.dtype, dev)
+    ws = _empty((2, plan.splits, batch * heads, m, d), torch.float32, dev)
+    with device_guard(dev):
+        _token_attention_bwd_kernel[(batch * heads * plan.splits,)](
+            grad_out, q, k, v, dq, ws,
+            heads, length, m, d, float(scale), float(scale) * LOG2E, plan.splits, blocks_per_split,
+            size, plan.splits * size,
             *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(), *dq.stride(),
-            BLOCK_L=plan.block_l, BLOCK_M=plan.block_m, BLOCK_D=plan.block_d, PRECISION=plan.precision,
-            num_warps=plan.num_warps,
+            BLOCK_L=plan.block_l, BLOCK_M=plan.block_m, D_CHUNK=plan.d_chunk, N_CHUNKS=plan.n_chunks,
+            PRECISION=plan.precision, WITH_DQ=plan.dq is None, num_warps=plan.num_warps,
+            num_stages=plan.num_stages,
         )
-        dk = dk_ws.sum(dim=2).to(k.dtype)
-        dv = dv_ws.sum(dim=2).to(v.dtype)
+        if plan.dq is not None:
+            n_lblocks = triton.cdiv(length, plan.dq.block_l)
+            _token_attention_dq_kernel[(batch * heads * n_lblocks,)](
+                grad_out, q, k, v, dq,
+                heads, length, m, d, float(scale), float(scale) * LOG2E, n_lblocks,
+                *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(), *dq.stride(),
+                BLOCK_L=plan.dq.block_l, BLOCK_M=plan.dq.block_m, D_CHUNK=plan.dq.d_chunk,
+                N_CHUNKS=plan.dq.n_chunks, PRECISION=plan.dq.precision, num_warps=plan.dq.num_warps,
+                num_stages=plan.dq.num_stages,
+            )
+        _sum_partials_kernel[(triton.cdiv(size, SUM_BLOCK), 2)](
+            ws, dk, dv, size, plan.splits, plan.splits * size, BLOCK=SUM_BLOCK, num_warps=4,
+        )
     return dq, dk, dv
-
-
 def audit_cases(dtype: torch.dtype):
     """Launches users reach (DPPD's CrossFusion: 4…64 prompt tokens, head dims 24…128, 128² training
     patches, 3840x2160 inference) for the compile audit (``cplfast.kernels.audit``)."""
@@ -238,7 +461,7 @@ def audit_cases(dtype: torch.dtype):
         return run
 
     for d in (24, 32, 48, 64, 96, 128):
-        for m in (4, 16, 64):
+        for m in (4, 16, 32, 64):
             yield AuditCase(f"train d={d} M={m}", case(8, 2, 64 * 64, m, d), quick=(d, m) in {(48, 16), (96, 64)})
     yield AuditCase("train (B,L,h,d) view d=48 M=16", case(8, 2, 64 * 64, 16, 48, transposed=True))
     for d in (48, 96):
