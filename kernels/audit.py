@@ -356,8 +356,8 @@ def _judge(launch: Launch, arch: Arch, res: dict) -> Row:
                problems)
 
 
-def audit(
-    ops: Sequence[str] = OPS,
+def check_cases(
+    cases_by_op: dict[str, Callable[[torch.dtype], Iterable[AuditCase]]],
     archs: Sequence[str] = ("sm_90", "sm_80"),
     precisions: Sequence[str] = tuple(PRECISIONS),
     *,
@@ -365,16 +365,16 @@ def audit(
     jobs: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[Row]:
-    """Capture every launch of the selected cases and compile each distinct one; one Row per launch and arch."""
+    """Capture every launch of the cases (``{op: audit_cases}``) and compile each distinct launch once per
+    arch; one Row per launch and arch, plus a failed Row per case whose launcher raised."""
     rows: list[Row] = []
     todo: list[tuple[Launch, Arch]] = []
     for arch_name in archs:
         arch = ARCHS[arch_name]
-        for op in ops:
-            module = importlib.import_module(f"cplfast.kernels.{op}")
+        for op, audit_cases in cases_by_op.items():
             for precision in precisions:
                 dtype, _ = PRECISIONS[precision]
-                cases = [c for c in module.audit_cases(dtype) if c.quick or not quick]
+                cases = [c for c in audit_cases(dtype) if c.quick or not quick]
                 launches, failures = capture(op, precision, cases, arch)
                 rows.extend(failures)
                 todo.extend((launch, arch) for launch in launches)
@@ -390,6 +390,20 @@ def audit(
     for launch, arch in todo:
         rows.append(_judge(launch, arch, results[distinct[arch.name + launch.key()]]))
     return rows
+
+
+def audit(
+    ops: Sequence[str] = OPS,
+    archs: Sequence[str] = ("sm_90", "sm_80"),
+    precisions: Sequence[str] = tuple(PRECISIONS),
+    *,
+    quick: bool = False,
+    jobs: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[Row]:
+    """:func:`check_cases` over the ``audit_cases`` of the named kernel modules."""
+    cases = {op: importlib.import_module(f"cplfast.kernels.{op}").audit_cases for op in ops}
+    return check_cases(cases, archs, precisions, quick=quick, jobs=jobs, progress=progress)
 
 
 def _compile_all(unique: list, jobs: int | None, progress) -> list[dict]:
