@@ -7,9 +7,12 @@ Each bench module names its op(s) in ``OP``. This file parametrises the module's
 argument with the op's quick cases (reduced shapes on the CPU, the SPEC §8 training shapes on a GPU)
 x modes x providers, and the ``run_bench`` fixture does the untimed setup (inputs, forward for a
 backward-only timing, compilation and a warm-up call) before handing the call to pytest-benchmark
-(synchronising CUDA after each call). The case definitions are the ones ``cplfast bench`` uses
-(:mod:`cplfast.bench.ops`, :mod:`cplfast.bench.e2e`); ``cplfast bench`` is the full harness
-(``do_bench`` timing, peak memory, JSON / markdown / plots).
+(synchronising CUDA after each call). Before an op is timed, its output and gradients are checked
+against the float64 reference as in ``cplfast bench`` (a wrong result fails the test instead of being
+timed). The case definitions are the ones ``cplfast bench`` uses (:mod:`cplfast.bench.ops`,
+:mod:`cplfast.bench.e2e`). pytest-benchmark times one provider after another; for comparisons use
+``cplfast bench``, which interleaves the providers in shuffled rounds (plus peak memory, JSON / markdown /
+plots).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import torch
 
 from cplfast.bench.e2e import E2E_OPS, build_model, e2e_cases, prepare_workload
 from cplfast.bench.ops import OP_BENCHMARKS
-from cplfast.bench.runner import STANDARD_PROVIDERS, BenchConfig, prepare_mode, provider_functions
+from cplfast.bench.cases import BACKWARD, FULL
+from cplfast.bench.runner import (STANDARD_PROVIDERS, BenchConfig, check_provider, prepare_mode, provider_functions,
+                                  reference_result)
 
 
 def _device() -> torch.device:
@@ -68,7 +73,14 @@ def run_bench(benchmark):
         else:
             op = OP_BENCHMARKS[case.op]
             fn = provider_functions(op, config)[provider]()
-            prepare = prepare_mode(op, fn, op.inputs(case, device, config.dtype), mode, case)
+            inputs = op.inputs(case, device, config.dtype)
+            with_grads = case.needs_grad and mode in (BACKWARD, FULL)
+            check = check_provider(op, fn, inputs, case, reference_result(op, inputs, case, with_grads),
+                                   config.dtype, with_grads)
+            if check.correct is False:
+                pytest.fail(f"{provider} {case.op} {mode} {case.shape}: {check.message}")
+            benchmark.extra_info.update(check=check.message)
+            prepare = prepare_mode(op, fn, inputs, mode, case)
         call = prepare()
         call()  # compile / autotune / allocate outside the timing
 

@@ -256,6 +256,8 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
     assert main(["bench", "--device", "cpu", "--threads", "0", "--out", str(tmp_path)]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "--device", "cpu", "--rounds", "0", "--out", str(tmp_path)]) == 2
+    assert "--rounds must be >= 1" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["bench", "--device", "cuda", "--out", str(tmp_path)]) == 2
         assert "no CUDA device" in capsys.readouterr().err

@@ -30,6 +30,7 @@ dtype's tolerance (:data:`TOLERANCES`). A provider that disagrees is still timed
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -310,8 +311,8 @@ def memory_guard(op: OpBenchmark, case: Case, config: BenchConfig, providers: in
     need = op.eager_bytes(case, torch.empty((), dtype=config.dtype).element_size()) * max(1, providers)
     available = _available_host_bytes()
     if available is not None and need > available // 2:
-        return (f"skipped: {providers} provider(s) prepared together need ~{need / 2**30:.1f} GiB, host has "
-                f"{available / 2**30:.1f} GiB free")
+        return (f"skipped: the providers prepared together (and the float64 check) need ~{need / 2**30:.1f} GiB, "
+                f"host has {available / 2**30:.1f} GiB free")
     return None
 
 
@@ -373,7 +374,10 @@ def _outputs(op: OpBenchmark, fn: Callable, inputs: OpInputs, case: Case, with_g
         return out.detach(), None, ()
     if grad_output is None:
         grad_output = _grad_output(out.detach())
-    grads = torch.autograd.grad(out, tuple(inputs.leaves), grad_output.to(out.dtype), allow_unused=True)
+    # retain_graph=True as the backward-only timing does: torch.compile fixes buffer donation at the first
+    # backward, and a backward compiled with donated buffers refuses retain_graph=True later
+    grads = torch.autograd.grad(out, tuple(inputs.leaves), grad_output.to(out.dtype), retain_graph=True,
+                                allow_unused=True)
     return out.detach(), grad_output, grads
 
 
@@ -438,7 +442,8 @@ def run_case(op: OpBenchmark, case: Case, config: BenchConfig, done: set,
     todo = [(p, m) for p in providers for m in modes if (op.name, m, case.shape, p) not in done]
     if not todo:
         return rows
-    skip = memory_guard(op, case, config, len(providers))
+    # the float64 reference of the check needs about twice an fp32 eager provider
+    skip = memory_guard(op, case, config, len(providers) + (2 if config.check else 0))
     if skip:
         for provider, mode in todo:
             rows.append(Measurement(op.name, mode, case.shape, provider, error=skip))
@@ -542,13 +547,35 @@ def select_cases(op: OpBenchmark, config: BenchConfig) -> list[Case]:
     return cases
 
 
+@contextlib.contextmanager
+def no_donated_buffers():
+    """Switch off torch.compile's buffer donation for the block.
+
+    A compiled backward that donates (reuses) its saved buffers refuses ``retain_graph=True``, which the
+    backward-only timing needs (whether it donates depends on the first backward and on warm caches), so
+    the ``compile`` provider runs without donation in every mode.
+    """
+    try:
+        import torch._functorch.config as functorch_config
+    except ImportError:  # pragma: no cover - older torch
+        yield
+        return
+    if not hasattr(functorch_config, "donated_buffer"):
+        yield
+        return
+    with functorch_config.patch(donated_buffer=False):
+        yield
+
+
 def run_op(op: OpBenchmark, config: BenchConfig, done: set | None = None,
            orders: list[dict] | None = None) -> list[Measurement]:
     done = set() if done is None else done
     rows: list[Measurement] = []
     for case in select_cases(op, config):
         config.log(f"[{op.name}] {case.group} {case.name}: {case.shape}")
-        for row in run_case(op, case, config, done, orders):
+        with no_donated_buffers():
+            case_rows = run_case(op, case, config, done, orders)
+        for row in case_rows:
             rows.append(row)
             done.add(row.key)
     return rows
