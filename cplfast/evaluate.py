@@ -58,6 +58,22 @@ class EvalResult:
             *(sum(getattr(r, k) for r in self.rows) / n for k in ("psnr_in", "psnr_out", "ssim_in", "ssim_out")),
         )
 
+    def routing_health(self) -> dict[str, dict]:
+        """Per router key, :func:`cplfast.routing.routing_health` of the prompts the images chose.
+
+        ``{}`` for a model without routing. Tasks weigh by their image counts.
+        """
+        from .routing import routing_health
+
+        counts = {r.task: r.count for r in self.rows}
+        keys = sorted({k for per_task in self.selection.values() for k in per_task})
+        health = {}
+        for key in keys:
+            names = [t for t in self.selection if key in self.selection[t]]
+            table = torch.stack([self.selection[t][key].double() * counts.get(t, 0) for t in names])
+            health[key] = routing_health(table, names)
+        return health
+
     def to_json(self) -> dict:
         """``{"<task>": {"psnr_in", "psnr_out", "ssim_in", "ssim_out"}}`` rounded to 4 decimals."""
         return {

@@ -2,14 +2,16 @@
 
 An extractor maps images ``(N, C, H, W)`` to a list of feature maps ``(N, F_l, H_l, W_l)``, one per level.
 
-* :class:`FilterBankPyramid` (the default) needs no weights at all: fixed derivative filters on an
+* :class:`FilterBankPyramid` (cplfast's default) needs no weights at all: fixed derivative filters on an
   image pyramid. It is deterministic, cheap (a depthwise 3x3 convolution per level), works for any
   number of channels and any image size, and runs the same on every machine, which a loss used for
   training and in tests should. Its features describe local structure (edges, their orientation,
   curvature, corners) at several scales — what differs between a clean image, a noisy/rainy/blurred
   one, and a restoration made with the wrong prompt.
-* :class:`VGG16Features`: torchvision's VGG16 (relu1_2, relu2_2, relu3_3 by default) when the user has
-  its ImageNet weights on disk. torchvision is imported lazily and nothing is ever downloaded.
+  This is **cplfast's choice** (the default of :class:`cplfast.ContrastivePromptLoss`), not the paper's.
+* :class:`VGG16Features`: VGG16's relu1_2, relu2_2, relu3_3 (by default), the feature space of the CPL
+  paper and of its authors' CPR template, when VGG16's ImageNet weights are on disk (torchvision's cache
+  or a file). Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ class FilterBankPyramid(nn.Module):
 
 VGG16_LAYERS = {"relu1_2": 4, "relu2_2": 9, "relu3_3": 16, "relu4_3": 23}
 VGG16_FILE = "vgg16-397923af.pth"  # the name torchvision's IMAGENET1K_V1 weights are cached under
+# torchvision's vgg16().features up to relu4_3: output channels of each 3x3 conv, "M" for a 2x2 max-pool
+_VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512)
 
 
 def default_vgg16_weights() -> Path:
@@ -90,11 +94,47 @@ def default_vgg16_weights() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
 
 
-class VGG16Features(nn.Module):
-    """Frozen torchvision VGG16 activations (ImageNet-normalised RGB input in [0, 1]).
+def _vgg16_features(end: int) -> nn.Sequential:
+    """``torchvision.models.vgg16().features[:end]`` rebuilt layer for layer (same indices, same keys)."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for item in _VGG16_CFG:
+        if item == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(channels, item, kernel_size=3, padding=1), nn.ReLU(inplace=False)]
+            channels = item
+    return nn.Sequential(*layers[:end])
 
-    ``weights``: path to a torchvision VGG16 state dict; default :func:`default_vgg16_weights`. The file
-    is loaded with ``weights_only=True``; nothing is downloaded — a missing file is an error.
+
+def _read_vgg16_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, expected a VGG16 state_dict")
+    return state
+
+
+class VGG16Features(nn.Module):
+    """Frozen VGG16 activations, the CPL paper's feature space for CPR (RGB input in [0, 1]).
+
+    The input is ImageNet-normalised (mean 0.485/0.456/0.406, std 0.229/0.224/0.225), then run through
+    VGG16's convolutional layers up to the deepest requested one (default relu1_2, relu2_2, relu3_3: 64,
+    128, 256 channels at full, 1/2 and 1/4 resolution). The layers are built here with torchvision's
+    indices and names (``features.{i}.weight``), so torchvision itself is not needed — only its weights:
+
+    * ``weights=None``: torchvision's cached ImageNet file :func:`default_vgg16_weights`
+      (``$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth``, present once torchvision has downloaded it);
+    * ``weights=PATH``: a torchvision VGG16 state_dict as ``.safetensors`` or a ``torch.save`` file
+      (read with ``weights_only=True``); keys ``features.{i}.*`` (a prefix ``vgg.``/``module.`` is
+      stripped; classifier keys are ignored).
+
+    Nothing is ever downloaded: a missing file raises ``FileNotFoundError`` with one line saying what
+    is missing.
     """
 
     def __init__(self, weights: str | os.PathLike | None = None,
@@ -102,28 +142,33 @@ class VGG16Features(nn.Module):
         super().__init__()
         if not layers or any(name not in VGG16_LAYERS for name in layers):
             raise ValueError(f"layers must be a non-empty subset of {tuple(VGG16_LAYERS)}, got {layers!r}")
-        try:
-            import torchvision
-        except ImportError as err:
-            raise ImportError(
-                "features='vgg16' needs torchvision (pip install torchvision) and VGG16's ImageNet weights on "
-                "disk; use features='filterbank', which needs neither"
-            ) from err
         path = Path(weights) if weights is not None else default_vgg16_weights()
         if not path.is_file():
+            where = "the given vgg_weights path" if weights is not None else "torchvision's weight cache"
             raise FileNotFoundError(
-                f"VGG16 weights not found at {path}: pass vgg_weights=<path to a torchvision vgg16 state dict> "
-                "(cplfast never downloads weights), or use features='filterbank'"
+                f"VGG16 weights not found: no file at {path} ({where}); pass a torchvision vgg16 state_dict "
+                "(.pth or .safetensors) as vgg_weights / --cpr-vgg-weights, or use the filter-bank features"
             )
-        model = torchvision.models.vgg16(weights=None)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         ends = sorted(VGG16_LAYERS[name] for name in layers)
+        body = _vgg16_features(ends[-1])
+        state = _read_vgg16_state(path)
+        for prefix in ("module.", "vgg."):
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+        wanted = {f"features.{k}": None for k in body.state_dict()}
+        missing = [k for k in wanted if k not in state]
+        if missing:
+            raise ValueError(f"{path} is not a torchvision VGG16 state_dict: it lacks {missing[:3]}")
+        body.load_state_dict({k[len("features."):]: state[k] for k in wanted}, strict=True)
         starts = [0, *ends[:-1]]
-        self.stages = nn.ModuleList(model.features[a:b] for a, b in zip(starts, ends))
+        self.stages = nn.ModuleList(body[a:b] for a, b in zip(starts, ends))
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
+
+    def train(self, mode: bool = True) -> "VGG16Features":
+        return super().train(False)  # frozen: always in eval mode
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         check.tensor("images", images, 4)

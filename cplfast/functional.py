@@ -66,6 +66,9 @@ def sparse_prompt(
 
     x ``(B,C,H,W)``, weight ``(N,C)``, bias ``(N,)`` or None, prompts ``(N,D,S,S)``; ``k`` in [1, N] or
     None (dense, PromptIR). Returns ``(out (B,D,H',W'), routing (B,N))`` where ``(H',W') = size or (H,W)``.
+    On exact ties among the routing weights the lower prompt index is kept first (a stable descending
+    sort); ``torch.topk`` (used by the official CPL code) does not promise that order, so on exact ties
+    the two may keep different prompts.
     """
     check.tensor("x", x, 4)
     check.tensor("weight", weight, 2)

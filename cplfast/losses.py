@@ -15,26 +15,42 @@ from .distributed import gather_rows
 from .features import FilterBankPyramid, VGG16Features
 
 FeatureExtractor = Callable[[torch.Tensor], Sequence[torch.Tensor]]
+CPR_FORMS = ("infonce", "l1-push")
+L1_PUSH_LEVEL_WEIGHTS = (0.2, 0.3, 0.5)  # the CPL authors' template: relu1_2, relu2_2, relu3_3
 
 
 class ContrastivePromptLoss(nn.Module):
     """CPR: pull the restored image toward the ground truth, away from mismatched-prompt restorations.
 
     ``forward(output, target, negatives)`` with output, target ``(B, C, H, W)`` and negatives
-    ``(K, B, C, H, W)`` (the K outputs restored with negative routing)::
+    ``(K, B, C, H, W)`` (the K outputs restored with negative routing; which prompts they use —
+    random unselected ones by default, as in the paper — is decided by the model, see
+    :meth:`cplfast.SparsePromptModule.negative_routing`). ``form``:
+
+    * ``"infonce"`` (default; cplfast's choice, the fused kernel)::
 
         loss = weight * sum_l level_weights[l] * infonce(phi_l(output), phi_l(target), phi_l(negatives),
                                                          temperature, dim=1)   (mean over locations)
 
+      ``level_weights`` default to 1. Gradients reach the output and, unless ``detach_negatives=True``,
+      the negatives (so the prompts used by the negatives are trained too).
+    * ``"l1-push"`` (the CPL authors' template, Aitical/MCLIR; their pixel L1 term is the trainer's)::
+
+        loss = -weight * mean_k sum_l level_weights[l] * mean|phi_l(output) - phi_l(negatives_k)|
+
+      with the negatives always detached (the template computes them under ``no_grad``) and
+      ``level_weights`` defaulting to ``(0.2, 0.3, 0.5)`` for a three-level extractor. ``target`` is
+      checked but unused; ``temperature`` is unused. The term is unbounded below: keep ``weight`` small.
+
     ``phi`` is a frozen multi-level extractor; the target's features carry no gradient. ``features``:
 
-    * ``"filterbank"`` (default): :class:`cplfast.features.FilterBankPyramid` — fixed filters, no weights;
-    * ``"vgg16"``: :class:`cplfast.features.VGG16Features` from ``vgg_weights`` (a local file; never
-      downloaded);
+    * ``"filterbank"`` (alias ``"filters"``; the default — cplfast's choice, not the paper's):
+      :class:`cplfast.features.FilterBankPyramid`, fixed filters, no weights to download;
+    * ``"vgg16"`` (the paper's feature space): :class:`cplfast.features.VGG16Features` (relu1_2,
+      relu2_2, relu3_3, ImageNet normalisation) from ``vgg_weights`` (a ``.pth`` / ``.safetensors``
+      file) or, when None, torchvision's weight cache; never downloaded;
     * any module / callable mapping images to a list of feature maps (e.g. a frozen copy of the
       network's encoder). It is used as given: freeze its parameters yourself.
-
-    Gradients reach the output and, unless ``detach_negatives=True``, the negatives.
 
     ``batch_negatives=True`` also contrasts every anchor with the other images' restored outputs at the
     same location. With ``a_b, p_b, n_kb`` the features of image ``b`` at one location, L2-normalised
@@ -62,18 +78,22 @@ class ContrastivePromptLoss(nn.Module):
         vgg_weights: str | os.PathLike | None = None,
         batch_negatives: bool = False,
         gather: bool = False,
+        form: str = "infonce",
     ):
         super().__init__()
+        if form not in CPR_FORMS:
+            raise ValueError(f"form must be one of {CPR_FORMS}, got {form!r}")
+        self.form = form
         self.temperature = check.positive_scalar("temperature", temperature)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ValueError(f"weight must be a number >= 0, got {weight!r}")
         self.weight = float(weight)
-        if features == "filterbank":
+        if features in ("filterbank", "filters"):
             features = FilterBankPyramid()
         elif features == "vgg16":
             features = VGG16Features(vgg_weights)
         elif isinstance(features, str) or not callable(features):
-            raise ValueError(f"features must be 'filterbank', 'vgg16' or a callable returning a list of feature "
+            raise ValueError(f"features must be 'filterbank' ('filters'), 'vgg16' or a callable returning a list of feature "
                              f"maps, got {features!r}")
         self.features = features
         if level_weights is not None:
@@ -87,6 +107,8 @@ class ContrastivePromptLoss(nn.Module):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         if gather and not batch_negatives:
             raise ValueError("gather=True needs batch_negatives=True: the gathered outputs are the batch negatives")
+        if batch_negatives and form != "infonce":
+            raise ValueError(f"batch_negatives extends the 'infonce' form, got form={form!r}")
         self.batch_negatives = batch_negatives
         self.gather = gather
 
@@ -110,6 +132,8 @@ class ContrastivePromptLoss(nn.Module):
         check.same_device(output=output, target=target, negatives=negatives)
         check.same_dtype(output=output, negatives=negatives)
         k, b = negatives.shape[:2]
+        if self.form == "l1-push":
+            return self._l1_push(output, negatives)
         if self.detach_negatives:
             negatives = negatives.detach()
         # One pass of the extractor over the output and its negatives together.
@@ -122,6 +146,23 @@ class ContrastivePromptLoss(nn.Module):
             term = self._level_loss(query[0], positive.to(query.dtype), query[1:])
             total = total + (term if self.level_weights is None else self.level_weights[level] * term)
         return self.weight * total
+
+    def _l1_push(self, output: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        k, b = negatives.shape[:2]
+        queries = self._levels(output)
+        with torch.no_grad():
+            pushed = self._levels(negatives.detach().flatten(0, 1))
+        weights = self.level_weights
+        if weights is None:
+            if len(queries) != len(L1_PUSH_LEVEL_WEIGHTS):
+                raise ValueError(f"form='l1-push' weighs {len(L1_PUSH_LEVEL_WEIGHTS)} levels by default but features "
+                                 f"returned {len(queries)}: pass level_weights")
+            weights = L1_PUSH_LEVEL_WEIGHTS
+        total = output.new_zeros(())
+        for w, query, negative in zip(weights, queries, pushed):
+            distance = (query.unsqueeze(0) - negative.unflatten(0, (k, b)).to(query.dtype)).abs()
+            total = total + w * distance.flatten(1).mean(dim=1).mean()
+        return -self.weight * total
 
     def _level_loss(self, anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
         """One level's term, mean over locations: anchor, positive ``(B, C, H, W)``, negatives ``(K, B, C, H, W)``."""
@@ -147,7 +188,7 @@ class ContrastivePromptLoss(nn.Module):
         return loss.mean()
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, weight={self.weight}, detach_negatives={self.detach_negatives}, "
+        return (f"form={self.form!r}, temperature={self.temperature}, weight={self.weight}, detach_negatives={self.detach_negatives}, "
                 f"batch_negatives={self.batch_negatives}, gather={self.gather}")
 
 
@@ -174,4 +215,4 @@ class SupConLoss(nn.Module):
         return f"temperature={self.temperature}, reduction={self.reduction!r}, gather={self.gather}"
 
 
-__all__ = ["ContrastivePromptLoss", "SupConLoss"]
+__all__ = ["CPR_FORMS", "ContrastivePromptLoss", "SupConLoss"]

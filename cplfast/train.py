@@ -36,8 +36,17 @@ broadcasts it (the run folder need not be visible from other nodes); every rank'
 and restored.
 
 Log: ``train_log.jsonl`` in the run folder, one JSON line every ``log_every`` steps — step, loss and its
-terms (averaged over micro-batches and ranks), lr, elapsed seconds, images/s. A resume drops the lines
-of steps after its checkpoint, so the log always matches the weights.
+terms (averaged over micro-batches and ranks), lr, elapsed seconds, images/s, and ``routing_health``:
+per router key, :func:`cplfast.routing.routing_health` of the prompts the training images chose since
+the previous line (per-task distribution, entropy, mutual information between task and prompt in bits).
+A resume drops the lines of steps after its checkpoint, so the log always matches the weights.
+
+CPR (cpl with ``num_negatives`` > 0): the negatives are restored with unselected prompts drawn at random
+per image, slot and step (``cpr_negatives="random"``, the paper's choice; ``"ordered"`` takes them in
+index order) from torch's default generator, whose state the checkpoints store — a resumed run draws
+the same negatives. ``cpr_form`` / ``cpr_features`` pick the loss form and feature space
+(:class:`cplfast.ContrastivePromptLoss`); ``load_balance`` and ``gate_noise`` are opt-in extensions
+against routing collapse that CPL does not have (:class:`cplfast.SparsePromptModule`).
 """
 
 from __future__ import annotations
@@ -95,6 +104,12 @@ class TrainConfig:
     cpr_weight: float = 0.1
     cpr_temperature: float = 0.1
     cpr_batch_negatives: bool = False  # the other images of the (global) batch are CPR negatives too
+    cpr_negatives: str = "random"  # which unselected prompts restore the negatives: "random" (paper) | "ordered"
+    cpr_form: str = "infonce"  # "infonce" (cplfast, fused) | "l1-push" (the CPL authors' template)
+    cpr_features: str = "filterbank"  # "filterbank" (cplfast, no weights) | "vgg16" (the paper's)
+    cpr_vgg_weights: str | None = None  # VGG16 state_dict file; None: torchvision's weight cache
+    load_balance: float = 0.0  # cpl: weight of the Switch load-balancing loss (not in CPL); 0 = off
+    gate_noise: float = 0.0  # cpl: noisy top-k gating scale in training (not in CPL); 0 = off
     amp: bool = True  # bf16 autocast, CUDA only
     seed: int = 0
     device: str = "auto"
@@ -149,6 +164,23 @@ class TrainConfig:
         if self.cpr_batch_negatives and not (self.prompt == "cpl" and self.num_negatives > 0):
             raise ValueError("cpr_batch_negatives extends CPR, which needs prompt='cpl' and num_negatives > 0 "
                              f"(got prompt={self.prompt!r}, num_negatives={self.num_negatives})")
+        if self.cpr_negatives not in ("random", "ordered"):
+            raise ValueError(f"cpr_negatives must be 'random' or 'ordered', got {self.cpr_negatives!r}")
+        if self.cpr_form not in ("infonce", "l1-push"):
+            raise ValueError(f"cpr_form must be 'infonce' or 'l1-push', got {self.cpr_form!r}")
+        if self.cpr_features not in ("filterbank", "filters", "vgg16"):
+            raise ValueError(f"cpr_features must be 'filterbank' or 'vgg16', got {self.cpr_features!r}")
+        if self.cpr_vgg_weights is not None and self.cpr_features != "vgg16":
+            raise ValueError("cpr_vgg_weights needs cpr_features='vgg16'")
+        if self.cpr_batch_negatives and self.cpr_form != "infonce":
+            raise ValueError(f"cpr_batch_negatives extends the 'infonce' form, got cpr_form={self.cpr_form!r}")
+        for name in ("load_balance", "gate_noise"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            if value and self.prompt != "cpl":
+                raise ValueError(f"{name} is an extension of CPL's sparse routing and needs prompt='cpl', "
+                                 f"got prompt={self.prompt!r}")
         if self.pixel_loss not in ("l1", "psnr"):
             raise ValueError(f"pixel_loss must be 'l1' or 'psnr', got {self.pixel_loss!r}")
         return self
@@ -229,6 +261,10 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> bool:
 def model_spec(config: TrainConfig, num_tasks: int) -> dict[str, Any]:
     """The JSON description :func:`build_model` rebuilds a model from."""
     overrides = dict(config.model_overrides)
+    if config.gate_noise:
+        overrides["gate_noise"] = float(config.gate_noise)
+    if config.load_balance:
+        overrides["loss_weights"] = {**overrides.get("loss_weights", {}), "load_balance": float(config.load_balance)}
     if config.prompt in ("pip", "dppd") and "num_degradations" not in overrides:
         overrides["num_degradations"] = max(1, num_tasks)
     return {"prompt": config.prompt, "preset": config.preset, "top_k": config.top_k, "overrides": overrides}
@@ -362,7 +398,8 @@ class Trainer:
             if config.num_negatives > limit:
                 raise ValueError(f"num_negatives must be <= {limit} for this model (prompt_len, top_k), got {config.num_negatives}")
             self.cpr = ContrastivePromptLoss(temperature=config.cpr_temperature, weight=config.cpr_weight,
-                                             batch_negatives=config.cpr_batch_negatives,
+                                             features=config.cpr_features, vgg_weights=config.cpr_vgg_weights,
+                                             form=config.cpr_form, batch_negatives=config.cpr_batch_negatives,
                                              gather=config.cpr_batch_negatives).to(self.device)
         else:
             self.cpr = None
@@ -385,6 +422,7 @@ class Trainer:
         self.last_loss = float("nan")
         self._log_source: Path | None = None  # a resumed run's folder, whose log this run continues
         self.use_amp = bool(config.amp) and self.device.type == "cuda"
+        self._routing_counts: dict[str, torch.Tensor] = {}  # router key -> (T, N) choices since the last log line
 
     # ------------------------------------------------------------------ checkpoints
     def model_config(self) -> dict[str, Any]:
@@ -556,7 +594,9 @@ class Trainer:
         labels = batch["task"].to(self.device) if self.config.prompt in ("pip", "dppd") else None
         k = self.config.num_negatives if self.cpr is not None else 0
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-            out, aux = (self.ddp or self.model)(x, labels=labels, num_negatives=k, return_aux=True)
+            out, aux = (self.ddp or self.model)(x, labels=labels, num_negatives=k, return_aux=True,
+                                                **({"negative_mode": self.config.cpr_negatives} if k else {}))
+        self._count_routing(batch["task"], aux.get("routing", {}))
         out = out.float()
         if self.config.pixel_loss == "l1":
             pixel = (out - y).abs().mean()
@@ -573,6 +613,34 @@ class Trainer:
             loss = loss + value.float()
             parts[name] = value.detach().float()
         return loss, parts
+
+    def _count_routing(self, tasks: torch.Tensor, routing: dict[str, torch.Tensor]) -> None:
+        """Add this micro-batch's chosen prompts per task to the routing-health counts (no device sync)."""
+        if not self.config.log_every:
+            return
+        tasks = tasks.to(self.device, torch.long)
+        for key, weights in routing.items():
+            weights = weights.detach()
+            n = weights.shape[1]
+            choice = torch.sort(weights.float(), dim=1, descending=True, stable=True).indices[:, 0]
+            counts = self._routing_counts.get(key)
+            if counts is None:
+                counts = self._routing_counts[key] = torch.zeros(len(self.tasks) * n, dtype=torch.float64,
+                                                                 device=weights.device)
+            counts.index_add_(0, tasks * n + choice, torch.ones_like(choice, dtype=torch.float64))
+
+    def _routing_health(self) -> dict[str, Any]:
+        """Routing health (:func:`cplfast.routing.routing_health`) of the choices since the last log line."""
+        from .routing import routing_health
+
+        health = {}
+        for key in sorted(self._routing_counts):
+            counts = self._routing_counts[key]
+            if self.world_size > 1:
+                dist.all_reduce(counts)
+            health[key] = routing_health(counts.view(len(self.tasks), -1), self.tasks)
+        self._routing_counts = {}
+        return health
 
     def _batches(self, stop: int):
         """Micro-batches for steps ``self.step … stop−1`` on this rank (module docstring)."""
@@ -627,7 +695,11 @@ class Trainer:
         if self._log_source is not None:
             self._carry_log(self._log_source)
             self._log_source = None
-        batches = iter(self._batches(stop)) if stop > self.step else iter(())
+        # Creating the loader's iterator draws its base seed from torch's default generator; fork it so a
+        # resumed run's generator (restored from the checkpoint) continues exactly where the saved one was.
+        with torch.random.fork_rng(devices=[]):
+            batches = iter(self._batches(stop)) if stop > self.step else iter(())
+
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -669,8 +741,10 @@ class Trainer:
                     bar.update(1)
                 if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == stop):
                     now = time.perf_counter()
+                    health = self._routing_health()
                     self._log({"step": self.step, "loss": loss, **parts, "lr": lr, "elapsed_s": round(self.elapsed, 3),
-                               "images_per_s": round((self.step - logged_step) * cfg.batch / max(now - logged_time, 1e-9), 2)})
+                               "images_per_s": round((self.step - logged_step) * cfg.batch / max(now - logged_time, 1e-9), 2),
+                               **({"routing_health": health} if health else {})})
                     logged_step, logged_time = self.step, now
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < stop:
                     self.save()
@@ -697,7 +771,10 @@ def inference_model(path: str | os.PathLike, device: torch.device | str = "cpu")
             model = PromptIR.from_official(path)
         except (RuntimeError, ValueError, TypeError) as err:
             raise ckpt.CheckpointError(str(err).splitlines()[0]) from None
-        config = {"model": {"prompt": "promptir", "preset": "base", "top_k": 1, "overrides": {}}, "tasks": []}
+        overrides = {} if model.config.official_unused_layers else {"official_unused_layers": False}
+        config = {"model": {"prompt": model.prompt_type, "preset": "base", "top_k": 1, "overrides": overrides},
+                  "tasks": [], "official_source": getattr(model, "official_source", None)}
+
         return model.to(device).eval(), config
     state, config = ckpt.load_model_file(path)
     if not isinstance(config.get("model"), dict):

@@ -130,14 +130,15 @@ def test_promptgen_and_spm_gradients_reach_every_parameter(cls, kwargs):
         assert x.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mode", ["random", "ordered"])
 @pytest.mark.parametrize("n,k", [(5, 1), (7, 2), (6, 3)])
-def test_spm_negative_routing_moves_kept_mass_to_unselected(n, k):
+def test_spm_negative_routing_moves_kept_mass_to_unselected(n, k, mode):
     spm = cplfast.SparsePromptModule(prompt_dim=4, prompt_len=n, prompt_size=3, lin_dim=6, top_k=k)
     spm(torch.randn(4, 6, H, W))
     routing = spm.last_routing
     kmax = spm.max_negatives()
     assert kmax == (n - k) // k
-    neg = spm.negative_routing(routing, kmax)
+    neg = spm.negative_routing(routing, kmax, mode=mode)
     assert neg.shape == (kmax, 4, n) and not neg.requires_grad
     selected = routing > 0
     used = selected.clone()
@@ -362,7 +363,8 @@ def test_selective_interaction_prompt_steers_output():
 
 
 def test_prototype_assignment_layer():
-    m = cplfast.DegradationPrototypeAssignment(10, embed_dim=16, num_degradations=5, temperature=0.2)
+    m = cplfast.DegradationPrototypeAssignment(10, embed_dim=16, num_degradations=5, temperature=0.2,
+                                               prototypes="learnable")
     protos = m.prototypes.detach()
     torch.testing.assert_close(protos @ protos.T, torch.eye(5), rtol=0, atol=1e-5)  # orthonormal init
     x = torch.randn(3, 10, H, W, requires_grad=True)
@@ -382,7 +384,7 @@ def test_prototype_assignment_layer():
 
 
 def test_prototype_assignment_cross_entropy_learns_labels():
-    m = cplfast.DegradationPrototypeAssignment(4, embed_dim=8, num_degradations=3)
+    m = cplfast.DegradationPrototypeAssignment(4, embed_dim=8, num_degradations=3, prototypes="learnable")
     labels = torch.arange(9) % 3
     x = torch.randn(9, 4, 3, 3) + 2 * F.one_hot(labels, 4).float()[:, :, None, None]
     m(x, labels)
@@ -403,7 +405,7 @@ def test_prototype_assignment_cross_entropy_learns_labels():
 
 
 def test_prompt_distribution_eval_is_deterministic_mean():
-    m = cplfast.PromptDistribution(4, 3, 6).eval()
+    m = cplfast.PromptDistribution(4, 3, 6, sampling="mixture").eval()
     a = torch.softmax(torch.randn(5, 4), dim=1)
     out = m(a)
     assert out.shape == (5, 3, 6)
@@ -413,7 +415,7 @@ def test_prompt_distribution_eval_is_deterministic_mean():
 
 
 def test_prompt_distribution_train_samples_one_eps_per_image():
-    m = cplfast.PromptDistribution(3, 2, 4, init_log_var=0.5).train()
+    m = cplfast.PromptDistribution(3, 2, 4, init_log_var=0.5, sampling="mixture").train()
     with torch.no_grad():
         m.log_var.uniform_(-1.0, 1.0)
     a = torch.softmax(torch.randn(4000, 3), dim=1)
@@ -429,7 +431,7 @@ def test_prompt_distribution_train_samples_one_eps_per_image():
 
 
 def test_prompt_distribution_gradients_and_kl():
-    m = cplfast.PromptDistribution(3, 2, 5).train()
+    m = cplfast.PromptDistribution(3, 2, 5, sampling="mixture").train()
     a = torch.softmax(torch.randn(4, 3), dim=1).requires_grad_()
     (weighted_sum(m(a)) + m.kl_loss()).backward()
     assert_all_grads(m)
@@ -644,3 +646,220 @@ def test_layers_give_the_same_result_through_the_triton_kernels(name, monkeypatc
         results[backend] = [out.detach(), xb.grad, *(p.grad.clone() for p in layer.parameters())]
     for ref, tri in zip(results["reference"], results["triton"]):
         torch.testing.assert_close(tri, ref, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Negative routing: exact contract (SparsePromptModule.negative_routing docstring), k = 1 and k = 2,
+# ordered and random. Random keys are fixed by replacing torch.rand, so the slot assignment is pinned.
+
+
+def _spm(n, k):
+    return cplfast.SparsePromptModule(prompt_dim=2, prompt_len=n, prompt_size=2, lin_dim=3, top_k=k)
+
+
+def _neg(entries, n, batch=2):
+    """A (B, N) routing with ``entries`` = [(row, index, value), ...]."""
+    out = torch.zeros(batch, n)
+    for row, index, value in entries:
+        out[row, index] = value
+    return out
+
+
+def _fixed_rand(monkeypatch, keys, calls):
+    real = torch.rand
+
+    def fake(*size, generator=None, device=None, **kw):
+        shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
+        calls.append((shape, generator))
+        assert shape == tuple(keys.shape)
+        return keys.clone()
+
+    monkeypatch.setattr(torch, "rand", fake)
+    return real
+
+
+def test_negative_routing_contract_top1_ordered():
+    spm = _spm(5, 1)
+    routing = _neg([(0, 2, 0.7), (1, 0, 0.4)], 5)  # row 0 kept prompt 2, row 1 kept prompt 0
+    neg = spm.negative_routing(routing, 4, mode="ordered")
+    # unselected in index order: row 0 -> 0, 1, 3, 4; row 1 -> 1, 2, 3, 4
+    for j, (u0, u1) in enumerate([(0, 1), (1, 2), (3, 3), (4, 4)]):
+        torch.testing.assert_close(neg[j], _neg([(0, u0, 0.7), (1, u1, 0.4)], 5), rtol=0, atol=0)
+
+
+def test_negative_routing_contract_top1_random(monkeypatch):
+    spm = _spm(5, 1)
+    routing = _neg([(0, 2, 0.7), (1, 0, 0.4)], 5)
+    calls = []
+    _fixed_rand(monkeypatch, torch.tensor([[0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.4, 0.6]]), calls)
+    g = torch.Generator().manual_seed(3)
+    neg = spm.negative_routing(routing, 3, generator=g)  # random is the default mode
+    assert calls == [((2, 4), g)]  # one key per unselected prompt and image, from the given generator
+    # row 0: unselected [0, 1, 3, 4] sorted by keys [0.9, 0.1, 0.5, 0.3] -> [1, 4, 3, 0]
+    # row 1: unselected [1, 2, 3, 4] sorted by keys [0.2, 0.8, 0.4, 0.6] -> [1, 3, 4, 2]
+    for j, (u0, u1) in enumerate([(1, 1), (4, 3), (3, 4)]):
+        torch.testing.assert_close(neg[j], _neg([(0, u0, 0.7), (1, u1, 0.4)], 5), rtol=0, atol=0)
+
+
+def test_negative_routing_contract_top2_ordered():
+    spm = _spm(6, 2)
+    # row 0 keeps 2 (0.5) then 0 (0.3); row 1 keeps 5 (0.6) then 1 (0.2)
+    routing = _neg([(0, 0, 0.3), (0, 2, 0.5), (1, 1, 0.2), (1, 5, 0.6)], 6)
+    neg = spm.negative_routing(routing, 2, mode="ordered")
+    # unselected: row 0 -> 1, 3, 4, 5; row 1 -> 0, 2, 3, 4; the largest kept weight goes first
+    want0 = _neg([(0, 1, 0.5), (0, 3, 0.3), (1, 0, 0.6), (1, 2, 0.2)], 6)
+    want1 = _neg([(0, 4, 0.5), (0, 5, 0.3), (1, 3, 0.6), (1, 4, 0.2)], 6)
+    torch.testing.assert_close(neg, torch.stack([want0, want1]), rtol=0, atol=0)
+
+
+def test_negative_routing_contract_top2_random(monkeypatch):
+    spm = _spm(6, 2)
+    routing = _neg([(0, 0, 0.3), (0, 2, 0.5), (1, 1, 0.2), (1, 5, 0.6)], 6)
+    calls = []
+    _fixed_rand(monkeypatch, torch.tensor([[0.4, 0.1, 0.3, 0.2], [0.9, 0.8, 0.7, 0.6]]), calls)
+    neg = spm.negative_routing(routing, 2, mode="random")
+    assert calls == [((2, 4), None)]
+    # row 0: [1, 3, 4, 5] by keys [0.4, 0.1, 0.3, 0.2] -> [3, 5, 4, 1]; row 1: [0, 2, 3, 4] -> [4, 3, 2, 0]
+    want0 = _neg([(0, 3, 0.5), (0, 5, 0.3), (1, 4, 0.6), (1, 3, 0.2)], 6)
+    want1 = _neg([(0, 4, 0.5), (0, 1, 0.3), (1, 2, 0.6), (1, 0, 0.2)], 6)
+    torch.testing.assert_close(neg, torch.stack([want0, want1]), rtol=0, atol=0)
+
+
+def test_negative_routing_ties_keep_lower_index_first():
+    spm = _spm(5, 2)
+    routing = torch.tensor([[0.0, 0.25, 0.0, 0.25, 0.1]])  # top-2 of a dense row with an exact tie
+    neg = spm.negative_routing(routing, 1, mode="ordered")
+    # kept: 1 then 3 (tie, lower index first); unselected in index order: 0, 2, 4 -> 0.25 on 0 and on 2
+    torch.testing.assert_close(neg[0], _neg([(0, 0, 0.25), (0, 2, 0.25)], 5, batch=1), rtol=0, atol=0)
+
+
+def test_negative_routing_random_is_reproducible_and_covers_every_unselected_prompt():
+    spm = _spm(5, 1)
+    routing = _neg([(0, 4, 0.9), (1, 4, 0.8)], 5)
+    draws = [spm.negative_routing(routing, 1, generator=torch.Generator().manual_seed(s)) for s in range(40)]
+    again = [spm.negative_routing(routing, 1, generator=torch.Generator().manual_seed(s)) for s in range(40)]
+    assert all(torch.equal(a, b) for a, b in zip(draws, again))
+    used = torch.stack(draws)[:, 0].gt(0).any(dim=1).any(dim=0)  # (N,) over draws and images
+    assert used.tolist() == [True, True, True, True, False]
+    with pytest.raises(ValueError, match="mode"):
+        spm.negative_routing(routing, 1, mode="shuffled")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Extensions against routing collapse (not in CPL): load balancing, noisy top-k gating
+
+
+def test_load_balance_loss_values():
+    from cplfast.layers.prompt_gen import load_balance_loss
+
+    uniform = torch.full((4, 4), 0.25)
+    routing = torch.eye(4) * 0.25  # each image keeps a different prompt
+    torch.testing.assert_close(load_balance_loss(uniform, routing, 1), torch.tensor(1.0))
+    collapsed = torch.tensor([[0.0, 0.0, 1.0, 0.0]]).expand(4, 4)
+    torch.testing.assert_close(load_balance_loss(collapsed, collapsed, 1), torch.tensor(4.0))
+    # N * sum_n f_n P_n with f = (1/2, 1/2, 0, 0), P = (0.3, 0.2, 0.4, 0.1)
+    probs = torch.tensor([[0.5, 0.1, 0.3, 0.1], [0.1, 0.3, 0.5, 0.1]])
+    routing = torch.tensor([[0.5, 0, 0, 0], [0, 0.3, 0, 0]])
+    torch.testing.assert_close(load_balance_loss(probs, routing, 1), torch.tensor(4 * (0.5 * 0.3 + 0.5 * 0.2)))
+
+
+def test_spm_load_balance_and_gate_noise():
+    torch.manual_seed(0)
+    spm = cplfast.SparsePromptModule(4, 5, 3, 10, top_k=1, load_balance=True).train()
+    x = torch.randn(B, 10, H, W)
+    spm(x)
+    assert set(spm.last_aux) == {"load_balance"}
+    spm.last_aux["load_balance"].backward()
+    assert spm.linear_layer.weight.grad.abs().sum() > 0
+    plain = cplfast.SparsePromptModule(4, 5, 3, 10, top_k=1)
+    plain.load_state_dict(spm.state_dict())
+    torch.testing.assert_close(spm(x), plain(x))  # the loss changes nothing in the forward
+    spm.eval()
+    spm(x)
+    assert spm.last_aux == {}
+    noisy = cplfast.SparsePromptModule(4, 5, 3, 10, top_k=2, gate_noise=50.0)
+    noisy.load_state_dict(plain.state_dict())
+    plain.top_k = 2
+    noisy.eval()
+    torch.testing.assert_close(noisy(x), plain(x))  # eval: no noise, same as the fused path
+    noisy.train()
+    routes = {tuple(torch.nonzero(noisy.last_routing[0]).flatten().tolist()) for _ in range(20) if noisy(x) is not None}
+    assert len(routes) > 1  # the noise changes which prompts are kept
+    assert all(len(r) == 2 for r in routes)
+    noisy.zero_grad()
+    noisy(x).sum().backward()
+    assert noisy.linear_layer.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="gate_noise"):
+        cplfast.SparsePromptModule(4, 5, 3, 10, gate_noise=-1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DPPD's open choices: contract tests with small hard-coded cases
+
+
+def test_dppd_predefined_prototypes_are_fixed_orthonormal():
+    m = cplfast.DegradationPrototypeAssignment(6, embed_dim=4, num_degradations=3)  # predefined by default
+    assert m.prototype_mode == "predefined"
+    assert "prototypes" not in dict(m.named_parameters()) and "prototypes" in m.state_dict()
+    assert not m.prototypes.requires_grad
+    torch.testing.assert_close(m.prototypes, torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]]))
+    torch.testing.assert_close(m.prototypes @ m.prototypes.T, torch.eye(3), rtol=0, atol=0)
+    # e = (0, 2, 0, 0) is prototype 1's direction: cos = (0, 1, 0), a = softmax(cos / 0.1)
+    with torch.no_grad():
+        for layer in (m.mlp[0], m.mlp[2]):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        m.mlp[2].bias.copy_(torch.tensor([0.0, 2.0, 0.0, 0.0]))
+    a = m(torch.randn(2, 6, 3, 3))
+    torch.testing.assert_close(a, torch.softmax(torch.tensor([[0.0, 10.0, 0.0]]), dim=1).expand(2, 3))
+    with pytest.raises(ValueError, match="predefined"):
+        cplfast.DegradationPrototypeAssignment(6, embed_dim=2, num_degradations=3)
+    with pytest.raises(ValueError, match="prototypes"):
+        cplfast.DegradationPrototypeAssignment(6, prototypes="fixed")
+
+
+def _dppd_distribution(sampling):
+    m = cplfast.PromptDistribution(3, 1, 2, sampling=sampling)
+    with torch.no_grad():
+        m.mu.copy_(torch.tensor([[[1.0, 2.0]], [[10.0, 20.0]], [[100.0, 200.0]]]))
+        m.log_var.copy_(torch.log(torch.tensor([[[1.0, 4.0]], [[9.0, 16.0]], [[25.0, 36.0]]])))  # sigma 1..6
+    return m
+
+
+ASSIGNMENT = torch.tensor([[0.2, 0.7, 0.1], [0.5, 0.2, 0.3]])
+
+
+def test_dppd_assigned_sampling_uses_the_argmax_prototype_gaussian():
+    m = _dppd_distribution("assigned").train()
+    torch.manual_seed(5)
+    eps = torch.randn(2, 2)
+    torch.manual_seed(5)
+    tokens = m(ASSIGNMENT)
+    # image 0 -> prototype 1 (mu 10, 20; sigma 3, 4); image 1 -> prototype 0 (mu 1, 2; sigma 1, 2)
+    want = torch.tensor([[10.0 + 3 * eps[0, 0], 20.0 + 4 * eps[0, 1]], [1.0 + 1 * eps[1, 0], 2.0 + 2 * eps[1, 1]]])
+    torch.testing.assert_close(tokens, want.view(2, 1, 2))
+    m.eval()
+    torch.testing.assert_close(m(ASSIGNMENT), torch.tensor([[[10.0, 20.0]], [[1.0, 2.0]]]), rtol=0, atol=0)
+    torch.testing.assert_close(m(ASSIGNMENT), m(ASSIGNMENT), rtol=0, atol=0)  # eval is deterministic
+    # reparameterised: gradients reach mu, log_var of the assigned prototypes and (straight through) a
+    m.train()
+    a = ASSIGNMENT.clone().requires_grad_()
+    m(a).sum().backward()
+    assert m.mu.grad[2].abs().sum() == 0 and m.mu.grad[:2].abs().sum() > 0
+    assert m.log_var.grad[:2].abs().sum() > 0 and a.grad.abs().sum() > 0
+
+
+def test_dppd_mixture_sampling_mixes_every_gaussian():
+    m = _dppd_distribution("mixture").train()
+    torch.manual_seed(5)
+    eps = torch.randn(2, 2)
+    torch.manual_seed(5)
+    tokens = m(ASSIGNMENT)
+    mu = torch.tensor([[1.0, 2.0], [10.0, 20.0], [100.0, 200.0]])
+    sigma = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    want = ASSIGNMENT @ mu + (ASSIGNMENT @ sigma) * eps  # sum_t a_t (mu_t + sigma_t eps), one eps per image
+    torch.testing.assert_close(tokens, want.view(2, 1, 2))
+    m.eval()
+    torch.testing.assert_close(m(ASSIGNMENT), (ASSIGNMENT @ mu).view(2, 1, 2))
+    with pytest.raises(ValueError, match="sampling"):
+        cplfast.PromptDistribution(3, 1, 2, sampling="argmax")

@@ -165,8 +165,10 @@ def test_tiny_training_step_reaches_every_parameter(prompt):
     if prompt == "cpl":
         assert aux["negatives"].shape == (2, *x.shape)
         loss = loss + aux["negatives"].mean()
-    if prompt in ("pip", "dppd"):
-        assert aux["losses"], "pip/dppd return their auxiliary losses in training"
+    if prompt == "dppd":
+        assert aux["losses"] == {}, "dppd's auxiliary losses are off by default (the paper's figure has none)"
+    if prompt == "pip":
+        assert aux["losses"], "pip returns its auxiliary losses in training"
         assert all(v.dim() == 0 and torch.isfinite(v) for v in aux["losses"].values())
     loss.backward()
     for name, p in model.named_parameters():
@@ -236,7 +238,7 @@ def test_cpl_negatives_equal_full_rerun_with_forced_routing_and_reuse_the_encode
     calls = {"encoder": 0, "latent": 0, "decoder": 0}
     hooks = [getattr(model, name).register_forward_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
              for key, name in (("encoder", "encoder_level1"), ("latent", "latent"), ("decoder", "decoder_level1"))]
-    out, aux = model(x, num_negatives=3, return_aux=True)
+    out, aux = model(x, num_negatives=3, return_aux=True, generator=torch.Generator().manual_seed(7))
     for hook in hooks:
         hook.remove()
     assert calls == {"encoder": 1, "latent": 1, "decoder": 2}  # negatives: one batched decoder pass
@@ -247,7 +249,7 @@ def test_cpl_negatives_equal_full_rerun_with_forced_routing_and_reuse_the_encode
         routing_j = {k: v[j] for k, v in aux["negative_routing"].items()}
         assert (routing_j["prompt3"].argmax(dim=1) != positive_choice).all()
         torch.testing.assert_close(negatives[j], model(x, routing=routing_j), rtol=1e-5, atol=1e-5)
-    out2, negatives2 = model.forward_with_negatives(x, 3)
+    out2, negatives2 = model.forward_with_negatives(x, 3, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(out2, out)
     torch.testing.assert_close(negatives2, negatives)
     assert not torch.allclose(negatives[0], out)
@@ -262,6 +264,133 @@ def test_cpl_negatives_bad_counts():
         PromptIR("promptir", "tiny")(x, num_negatives=1)
     with pytest.raises(ValueError, match="num_negatives"):
         model(x, num_negatives=-1)
+
+
+def _collapse_(model: PromptIR, prompt: int) -> PromptIR:
+    """Every router picks ``prompt`` for every image (the collapse seen in training)."""
+    with torch.no_grad():
+        for key in model.routing_keys:
+            layer = getattr(model, key).linear_layer
+            layer.weight.zero_()
+            layer.bias.fill_(0.0)
+            layer.bias[prompt] = 8.0
+    return model
+
+
+@pytest.mark.parametrize("mode", ["random", "ordered"])
+def test_random_negatives_give_every_unselected_prompt_a_cpr_gradient_on_a_collapsed_router(mode):
+    import cplfast
+
+    torch.manual_seed(0)
+    model = _collapse_(PromptIR("cpl", "tiny").train(), prompt=4)
+    cpr = cplfast.ContrastivePromptLoss()
+    reached = {key: torch.zeros(5, dtype=torch.bool) for key in model.routing_keys}
+    for step in range(4):
+        model.zero_grad()
+        x, y = torch.rand(4, 3, 16, 16), torch.rand(4, 3, 16, 16)
+        out, aux = model(x, num_negatives=1, negative_mode=mode, return_aux=True)
+        assert all((r.argmax(dim=1) == 4).all() for r in aux["routing"].values())  # collapsed
+        cpr(out, y, aux["negatives"]).backward()
+        for key in model.routing_keys:
+            reached[key] |= getattr(model, key).prompt_param.grad[0].flatten(1).abs().sum(dim=1) > 0
+    for key, hit in reached.items():
+        if mode == "random":  # every prompt: the selected one and, as negatives, all four others
+            assert hit.all(), (key, hit)
+        else:  # ordered: the negative is always prompt 0; prompts 1-3 never learn
+            assert hit.tolist() == [True, False, False, False, True], (key, hit)
+
+
+def test_random_negatives_follow_the_generator():
+    model = PromptIR("cpl", "tiny").train()
+    x = torch.rand(3, 3, 16, 16)
+
+    def draw(seed):
+        _, aux = model(x, num_negatives=2, generator=torch.Generator().manual_seed(seed), return_aux=True)
+        return torch.cat([aux["negative_routing"][k] for k in model.routing_keys])
+
+    assert torch.equal(draw(1), draw(1))
+    assert any(not torch.equal(draw(1), draw(s)) for s in range(2, 6))
+    torch.manual_seed(11)
+    a = model(x, num_negatives=2, return_aux=True)[1]["negative_routing"]  # default: torch's generator
+    torch.manual_seed(11)
+    b = model(x, num_negatives=2, return_aux=True)[1]["negative_routing"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="negative_mode"):
+        model(x, num_negatives=1, negative_mode="fixed")
+
+
+def test_load_balance_and_gate_noise_options_of_the_cpl_model():
+    model = PromptIR("cpl", "tiny", gate_noise=0.5, loss_weights={"load_balance": 0.01}).train()
+    out, aux = model(torch.rand(2, 3, 16, 16), return_aux=True)
+    assert set(aux["losses"]) == {"prompt1.load_balance", "prompt2.load_balance", "prompt3.load_balance"}
+    assert all(m.gate_noise == 0.5 and m.load_balance for m in (model.prompt1, model.prompt2, model.prompt3))
+    assert PromptIR("cpl", "tiny")(torch.rand(1, 3, 16, 16), return_aux=True)[1]["losses"] == {}  # off by default
+    rebuilt = PromptIR.from_config_dict(model.config_dict())
+    assert rebuilt.prompt3.gate_noise == 0.5 and rebuilt.loss_weights["load_balance"] == 0.01
+    with pytest.raises(ValueError, match="gate_noise"):
+        PromptIR("cpl", "tiny", gate_noise=-0.1)
+
+
+def test_dppd_model_defaults_are_the_paper_readings():
+    model = PromptIR("dppd", "tiny").train()
+    assert model.assignment.prototype_mode == "predefined" and model.prompt1.sampling == "assigned"
+    assert model.loss_weights == {"assignment_ce": 0.0, "kl": 0.0}
+    _, aux = model(torch.rand(2, 3, 16, 16), labels=torch.tensor([0, 1]), return_aux=True)
+    assert aux["losses"] == {}  # the auxiliary losses are off unless weighted
+    on = PromptIR("dppd", "tiny", dppd_prototypes="learnable", dppd_sampling="mixture",
+                  loss_weights={"assignment_ce": 0.1, "kl": 1e-4})
+    _, aux = on.train()(torch.rand(2, 3, 16, 16), labels=torch.tensor([0, 1]), return_aux=True)
+    assert set(aux["losses"]) == {"assignment.assignment_ce", "prompt1.kl", "prompt2.kl", "prompt3.kl"}
+    assert isinstance(on.assignment.prototypes, torch.nn.Parameter) and on.prompt2.sampling == "mixture"
+    with pytest.raises(ValueError, match="dppd_sampling"):
+        PromptIR("dppd", "tiny", dppd_sampling="argmax")
+
+
+# ----------------------------------------------------------------------------- CPLIR / BasicSR checkpoints
+
+
+UNUSED = ("chnl_reduce1", "chnl_reduce2", "chnl_reduce3",
+          "reduce_noise_channel_1", "reduce_noise_channel_2", "reduce_noise_channel_3")
+
+
+@pytest.fixture(scope="module")
+def cpl_base():
+    torch.manual_seed(99)
+    return _perturb_(PromptIR("cpl", "base")).eval()
+
+
+def test_cplir_checkpoint_loads_and_matches_cpl(cpl_base, tmp_path, caplog):
+    import logging
+
+    state = {k: v for k, v in cpl_base.state_dict().items() if k.split(".")[0] not in UNUSED}
+    assert len(state) == 542  # PromptIR's 548 without the six unused convolutions
+    raw = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}
+    path = tmp_path / "cplir.pth"
+    torch.save({"params": raw, "params_ema": state}, path)  # a BasicSR file as CPLIR ships them
+    x = torch.rand(1, 3, 16, 24)
+    with torch.no_grad():
+        expected = cpl_base(x)
+    with caplog.at_level(logging.INFO, logger="cplfast.models"):
+        model = PromptIR.from_official(path).eval()
+    assert model.prompt_type == "cpl" and model.top_k == 1
+    assert model.official_source == {"format": "cplir", "keys": 542, "entry": "params_ema"}
+    assert "cplir" in caplog.text and "params_ema" in caplog.text
+    assert len(model.state_dict()) == 542
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    chosen = PromptIR.from_official(torch.load(path, weights_only=True), key="params")
+    assert chosen.official_source["entry"] == "params"
+    torch.testing.assert_close(chosen.output.weight, raw["output.weight"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="key='ema'"):
+        PromptIR.from_official(path, key="ema")
+    assert PromptIR.from_official(state, prompt="promptir").prompt_type == "promptir"
+    # the official PromptIR layout (548 keys) is still recognised as such
+    full = PromptIR.from_official(cpl_base.state_dict())
+    assert full.official_source == {"format": "promptir", "keys": 548, "entry": None} and full.prompt_type == "promptir"
+    with pytest.raises(ValueError, match="prompt"):
+        PromptIR.from_official(state, prompt="dppd")
+    with pytest.raises(ValueError, match="not an official checkpoint"):
+        PromptIR.from_official({"a.weight": torch.zeros(1)})
 
 
 # ----------------------------------------------------------------------------- restore and tiling

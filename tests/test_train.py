@@ -160,3 +160,68 @@ def test_log_has_a_line_every_log_every_steps_and_resume_drops_lines_past_the_ch
     assert [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()] == [2, 4]
     resumed.fit()
     assert [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()] == [2, 4, 5]
+
+
+def _record_negatives(monkeypatch):
+    """Every negative routing the model draws, in order."""
+    from cplfast.layers import SparsePromptModule
+
+    seen = []
+    real = SparsePromptModule.negative_routing
+
+    def spy(self, routing, num_negatives, **kw):
+        out = real(self, routing, num_negatives, **kw)
+        seen.append((kw.get("mode"), out.clone()))
+        return out
+
+    monkeypatch.setattr(SparsePromptModule, "negative_routing", spy)
+    return seen
+
+
+def test_resumed_run_draws_the_same_random_negatives(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    config = TrainConfig(**FAST, steps=4, num_negatives=2, ema=0, seed=3)
+    assert config.cpr_negatives == "random"
+    seen = _record_negatives(monkeypatch)
+    Trainer(config, tmp_path / "full", progress=False).fit()
+    full = list(seen)
+    seen.clear()
+    Trainer(config, tmp_path / "part", progress=False).fit(until=2)
+    Trainer.resume(tmp_path / "part", progress=False).fit()
+    assert len(full) == len(seen) == 4 * 3  # steps x prompt slots
+    assert all(mode == "random" for mode, _ in full)
+    for (_, a), (_, b) in zip(full, seen):
+        assert torch.equal(a, b)
+    # and they are random: not all the same prompt for a slot over the steps
+    slot3 = torch.stack([n for _, n in full[2::3]])  # (steps, K, B, N)
+    assert len({tuple(r.nonzero()[:, -1].tolist()) for r in slot3}) > 1
+
+
+def test_cpr_options_and_routing_health_log(tmp_path, monkeypatch):
+    seen = _record_negatives(monkeypatch)
+    config = TrainConfig(**FAST, steps=2, num_negatives=1, ema=0, log_every=1, cpr_negatives="ordered",
+                         cpr_form="l1-push", load_balance=0.01, gate_noise=0.1)
+    trainer = Trainer(config, tmp_path, progress=False)
+    assert trainer.cpr.form == "l1-push" and trainer.model.prompt1.gate_noise == 0.1
+    assert trainer.model.loss_weights["load_balance"] == 0.01
+    trainer.fit()
+    assert {mode for mode, _ in seen} == {"ordered"}
+    lines = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and lines[0]["cpr"] < 0  # the l1-push term is negative
+    assert "prompt1.load_balance" in lines[0]
+    health = lines[-1]["routing_health"]
+    assert set(health) == {"prompt1", "prompt2", "prompt3"}
+    for h in health.values():
+        assert h["images"] == 2 and set(h["distribution"]) <= {"noise", "haze"}
+        assert 0 <= h["mutual_information_bits"] <= 1.0 + 1e-9  # two tasks: at most 1 bit
+    with pytest.raises(ValueError, match="cpr_negatives"):
+        TrainConfig(cpr_negatives="first").validate()
+    with pytest.raises(ValueError, match="cpr_form"):
+        TrainConfig(cpr_form="ratio").validate()
+    with pytest.raises(ValueError, match="prompt='cpl'"):
+        TrainConfig(prompt="promptir", gate_noise=1.0).validate()
+    with pytest.raises(ValueError, match="cpr_vgg_weights"):
+        TrainConfig(cpr_vgg_weights="x.pth").validate()
+    with pytest.raises(FileNotFoundError, match="VGG16 weights not found"):
+        Trainer(TrainConfig(**FAST, steps=1, cpr_features="vgg16", cpr_vgg_weights=str(tmp_path / "no.pth")),
+                tmp_path / "vgg", progress=False)

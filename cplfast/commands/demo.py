@@ -5,7 +5,10 @@ training photographs degraded by noise, rain, haze, blur and low light; evaluate
 of other photographs; prints a per-task PSNR/SSIM table of the degraded input and the restored
 output; writes into ``--out``: ``report.json``, ``results.md`` / ``results.csv``, ``grid.png``
 (degraded | restored | clean per task), ``routing.png`` (which prompt each degradation selects) and
-the run folder ``run/`` with the checkpoint.
+the run folder ``run/`` with the checkpoint. It also prints and reports (``report.json`` →
+``routing_health``) how task-specific the routing is: per prompt slot, the mutual information between
+the degradation and the chosen prompt in bits (0 = collapsed onto one prompt, log2 5 ≈ 2.32 = each
+degradation its own prompt), see :mod:`cplfast.routing`.
 
 Training ends with a completed learning-rate schedule after ``--steps`` or ``--time-budget``
 seconds, whichever comes first; on a busy CPU it may go on to 1.5× the budget to make at least 300
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import TASKS, embedded_eval_dataset
     from ..evaluate import evaluate, format_table, write_tables
     from ..figures import before_after_grid, routing_heatmap
+    from ..routing import format_routing_health
     from ..train import TrainConfig, Trainer
 
     start = time.perf_counter()
@@ -84,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
     mean = scores.mean()
     print(f"mean PSNR {mean.psnr_in:.2f} -> {mean.psnr_out:.2f} dB ({mean.psnr_gain:+.2f} dB)")
 
-    report = {"tasks": scores.to_json(), "checkpoint": str(result.model_path.resolve())}
+    health = scores.routing_health()
+    print(format_routing_health(health))
+    report = {"tasks": scores.to_json(), "routing_health": health, "checkpoint": str(result.model_path.resolve())}
     atomic_write_json(out / "report.json", report, sort_keys=False)
     write_tables(scores, out)
     captions = {r.task: f"PSNR {r.psnr_in:.1f} -> {r.psnr_out:.1f}\nSSIM {r.ssim_in:.3f} -> {r.ssim_out:.3f}" for r in scores.rows}

@@ -59,10 +59,13 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(model, dataset, device=device, channel=args.channel, crop_border=args.crop_border,
                       tile=args.tile, overlap=args.overlap, progress=True)
     print(format_table(result))
-    out = Path(args.out) if args.out else path.parent
+    health = result.routing_health()
+    if health:
+        from ..routing import format_routing_health
+
+        print(format_routing_health(health))
     md, cs = write_tables(result, out, stem=f"eval_{args.channel}")
     print(f"wrote {md} and {cs}")
-    return 0
     if result.interrupted:
         print(f"cplfast eval: interrupted; the tables cover the {sum(r.count for r in result.rows)} image(s) scored "
               "before it", file=sys.stderr)
@@ -71,3 +74,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"evaluated {sum(r.count for r in result.rows)} image(s); skipped {len(skipped)} file(s): "
               + "; ".join(f"{p.name}: {r}" for p, r in skipped[:5]), file=sys.stderr)
         return 1
+    return 0

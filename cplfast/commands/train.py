@@ -40,6 +40,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpr-batch-negatives", action="store_const", const=True, default=None,
                         help="CPR (cpl with --negatives > 0) also contrasts each restoration with the other images of "
                              "its micro-batch step on all processes (batch / grad-accum images)")
+    parser.add_argument("--cpr-negatives", choices=("random", "ordered"), default=None,
+                        help="which unselected prompts restore the CPR negatives: random per image and step (the CPL "
+                             "paper's) or the lowest-index ones (default: random)")
+    parser.add_argument("--cpr-form", choices=("infonce", "l1-push"), default=None,
+                        help="CPR loss: infonce (cplfast's, fused kernel) or l1-push (the CPL authors' template: "
+                             "-weight x mean_k sum_l w_l L1(phi_l(out), phi_l(neg_k)), negatives detached) "
+                             "(default: infonce)")
+    parser.add_argument("--cpr-features", choices=("filters", "vgg16"), default=None,
+                        help="CPR feature pyramid: filters (cplfast's fixed filter bank, no weights) or vgg16 "
+                             "(relu1_2/2_2/3_3, the paper's; needs --cpr-vgg-weights or torchvision's cached "
+                             "vgg16-397923af.pth) (default: filters)")
+    parser.add_argument("--cpr-vgg-weights", default=None, metavar="PATH",
+                        help="torchvision VGG16 state_dict (.pth or .safetensors) for --cpr-features vgg16")
+    parser.add_argument("--load-balance", type=float, default=None, metavar="W",
+                        help="cpl, not in CPL: weight of a Switch-style load-balancing loss against routing collapse "
+                             "(default: 0 = off)")
+    parser.add_argument("--gate-noise", type=float, default=None, metavar="S",
+                        help="cpl, not in CPL: noisy top-k gating, N(0, S^2) added to the router logits in "
+                             "training (default: 0 = off)")
     parser.add_argument("--ema", type=float, default=None, help="EMA decay; 0 disables (default: 0.999)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     parser.add_argument("--workers", type=int, default=None, help="data loader worker processes (default: 0)")
@@ -62,7 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _FLAG_FIELDS = {
     "preset": "preset", "prompt": "prompt", "data": "data", "tasks": "tasks", "steps": "steps", "batch": "batch", "grad_accum": "grad_accum",
     "patch": "patch", "lr": "lr", "pixel_loss": "pixel_loss", "negatives": "num_negatives", "cpr_weight": "cpr_weight",
-    "cpr_batch_negatives": "cpr_batch_negatives", "ema": "ema", "seed": "seed",
+    "cpr_batch_negatives": "cpr_batch_negatives", "cpr_negatives": "cpr_negatives", "cpr_form": "cpr_form",
+    "cpr_features": "cpr_features", "cpr_vgg_weights": "cpr_vgg_weights", "load_balance": "load_balance",
+    "gate_noise": "gate_noise", "ema": "ema", "seed": "seed",
     "workers": "workers", "save_every": "save_every", "log_every": "log_every", "time_budget": "time_budget",
 }
 
@@ -118,6 +139,8 @@ def _train(args: argparse.Namespace) -> int:
         say(f"resuming {trainer.config.prompt}/{trainer.config.preset} at step {trainer.step} of {trainer.config.steps}")
     else:
         values = {name: getattr(args, flag) for flag, name in _FLAG_FIELDS.items() if getattr(args, flag) is not None}
+        if values.get("cpr_features") == "filters":
+            values["cpr_features"] = "filterbank"
         if args.data is not None and not Path(args.data).exists():
             raise FileNotFoundError(f"no such data folder: {args.data}")
         config = dataclasses.replace(TrainConfig(), **values, amp=not args.no_amp, deterministic=args.deterministic,

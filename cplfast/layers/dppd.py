@@ -1,13 +1,30 @@
 """DPPD — dynamic prompts (IEEE TIP 2025), SPEC §4.5–§4.7.
 
 * :class:`DegradationPrototypeAssignment`: pooled feature -> embedding -> soft assignment to one
-  learnable prototype per degradation (:func:`cplfast.functional.prototype_assignment`).
+  prototype per degradation (:func:`cplfast.functional.prototype_assignment`).
 * :class:`PromptDistribution`: each degradation owns a Gaussian over M prompt tokens; the assignment
-  mixes them (sampled in training, the mean in eval).
+  selects (or mixes) them — sampled in training, the mean in eval.
 * :class:`PromptCrossFusion`: every pixel attends over the prompt tokens
   (:func:`cplfast.functional.prompt_token_attention`, the Triton kernel on CUDA).
 
-DPPD has no official code; these follow the paper's description.
+DPPD has no public code. These layers are cplfast's **reading** of the paper's abstract and figures,
+not a reproduction of the authors' code; every choice the paper leaves open is a constructor argument
+whose default is the reading closest to the paper's text and figures:
+
+==================  =======================  ===================================================
+choice              default (reading)        why / alternative
+==================  =======================  ===================================================
+prototypes          ``"predefined"``         the abstract speaks of *predefined* degradation
+                                             prototypes: fixed orthonormal vectors, not trained;
+                                             ``"learnable"``: trained, initialised orthonormal
+sampling            ``"assigned"``           the figure draws the prompt from the Gaussian of the
+                                             prototype the image is assigned to; ``"mixture"``:
+                                             the assignment-weighted mix of all T Gaussians
+auxiliary losses    off                      the figure shows only the reconstruction loss; the
+                                             assignment cross-entropy and the KL term exist and are
+                                             turned on by a positive ``loss_weights`` entry of the
+                                             model (``assignment_ce``, ``kl``)
+==================  =======================  ===================================================
 """
 
 from __future__ import annotations
@@ -28,14 +45,24 @@ class DegradationPrototypeAssignment(nn.Module):
     x ``(B, in_dim, H, W)`` -> ``e = mlp(mean_HW x)`` ``(B, embed_dim)`` ->
     ``a = softmax(cos(e, prototypes) / temperature)`` ``(B, T)`` (rows sum to 1).
 
-    ``prototypes`` ``(T, embed_dim)`` are learnable, initialised with orthonormal rows (T <= embed_dim;
-    orthonormal columns otherwise). When ``labels`` (class indices ``(B,)`` or float weights ``(B,T)``)
-    are given, ``last_aux["assignment_ce"]`` holds ``mean_b -sum_t y_bt log a_bt``, the cross-entropy
-    of the assignment against them; add it to the training loss. ``last_embedding`` keeps ``e``.
+    ``prototypes`` (a reading of the paper, not a fact — see the module docstring):
+
+    * ``"predefined"`` (default; the abstract's word): the fixed orthonormal rows ``e_0 .. e_{T-1}`` of
+      the identity ``(T, embed_dim)`` (needs ``T <= embed_dim``), a buffer without gradient; the MLP
+      learns to map each degradation near its prototype. Any orthonormal set is equivalent up to a
+      rotation the MLP absorbs.
+    * ``"learnable"``: a parameter ``(T, embed_dim)`` initialised with orthonormal rows (T <= embed_dim;
+      orthonormal columns otherwise).
+
+    Either way the state_dict key is ``prototypes``. When ``labels`` (class indices ``(B,)`` or float
+    weights ``(B,T)``) are given, ``last_aux["assignment_ce"]`` holds ``mean_b -sum_t y_bt log a_bt``, the
+    cross-entropy of the assignment against them — an auxiliary loss the paper's figure does not show;
+    :class:`cplfast.models.PromptIR` adds it only with a positive ``loss_weights["assignment_ce"]``.
+    ``last_embedding`` keeps ``e``.
     """
 
     def __init__(self, in_dim: int, embed_dim: int = 64, num_degradations: int = 5, temperature: float = 0.1,
-                 hidden_dim: int | None = None):
+                 hidden_dim: int | None = None, *, prototypes: str = "predefined"):
         super().__init__()
         for name, value in (("in_dim", in_dim), ("embed_dim", embed_dim), ("num_degradations", num_degradations)):
             _checks.positive_int(name, value)
@@ -44,7 +71,16 @@ class DegradationPrototypeAssignment(nn.Module):
         self.num_degradations = num_degradations
         self.temperature = check.positive_scalar("temperature", temperature)
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, embed_dim))
-        self.prototypes = nn.Parameter(nn.init.orthogonal_(torch.empty(num_degradations, embed_dim)))
+        if prototypes == "predefined":
+            if num_degradations > embed_dim:
+                raise ValueError(f"prototypes='predefined' needs num_degradations <= embed_dim (orthonormal rows), "
+                                 f"got {num_degradations} > {embed_dim}")
+            self.register_buffer("prototypes", torch.eye(num_degradations, embed_dim))
+        elif prototypes == "learnable":
+            self.prototypes = nn.Parameter(nn.init.orthogonal_(torch.empty(num_degradations, embed_dim)))
+        else:
+            raise ValueError(f"prototypes must be 'predefined' or 'learnable', got {prototypes!r}")
+        self.prototype_mode = prototypes
         self.last_embedding: torch.Tensor | None = None
         self.last_aux: dict[str, torch.Tensor] = {}
 
@@ -64,27 +100,41 @@ class DegradationPrototypeAssignment(nn.Module):
 
     def extra_repr(self) -> str:
         t, e = self.prototypes.shape
-        return f"in_dim={self.in_dim}, embed_dim={e}, num_degradations={t}, temperature={self.temperature}"
+        return (f"in_dim={self.in_dim}, embed_dim={e}, num_degradations={t}, temperature={self.temperature}, "
+                f"prototypes={self.prototype_mode!r}")
 
 
 class PromptDistribution(nn.Module):
-    """Gaussian prompt tokens per degradation, mixed by an assignment (SPEC §4.6).
+    """Gaussian prompt tokens per degradation, drawn for an assignment (SPEC §4.6).
 
-    ``mu``, ``log_var`` ``(T, M, dim)``; for assignment a ``(B, T)``::
+    ``mu``, ``log_var`` ``(T, M, dim)``, ``sigma = exp(log_var / 2)``; for an assignment a ``(B, T)`` the
+    weights ``h (B, T)`` are (``sampling``, a reading of the paper, not a fact — see the module docstring):
 
-        train (or sample=True):  tokens = sum_t a_t (mu_t + sigma_t * eps),  eps ~ N(0, I) (B, M, dim),
+    * ``"assigned"`` (default; the figure): ``h = onehot(argmax_t a_t) + a - stopgrad(a)`` — the value
+      is the one-hot of the assigned prototype (lowest index on ties), so the tokens come from that
+      prototype's Gaussian alone; the straight-through term lets the reconstruction loss train the
+      assignment (cplfast's choice: the paper does not say how the assignment gets a gradient).
+    * ``"mixture"``: ``h = a`` — the assignment-weighted mix of the T Gaussians.
+
+    Then::
+
+        train (or sample=True):  tokens = sum_t h_t (mu_t + sigma_t * eps),  eps ~ N(0, I) (B, M, dim),
                                  one eps per image shared by the T components (reparameterised)
-        eval  (or sample=False): tokens = sum_t a_t mu_t
+        eval  (or sample=False): tokens = sum_t h_t mu_t          (deterministic)
 
-    with ``sigma = exp(log_var / 2)``. Returns ``(B, M, dim)``. :meth:`kl_loss` is the optional KL term.
+    Returns ``(B, M, dim)``. :meth:`kl_loss` is the optional KL term (off in the model by default).
     """
 
-    def __init__(self, num_degradations: int, num_tokens: int, dim: int, init_log_var: float = -4.0):
+    def __init__(self, num_degradations: int, num_tokens: int, dim: int, init_log_var: float = -4.0, *,
+                 sampling: str = "assigned"):
         super().__init__()
         for name, value in (("num_degradations", num_degradations), ("num_tokens", num_tokens), ("dim", dim)):
             _checks.positive_int(name, value)
         self.mu = nn.Parameter(torch.randn(num_degradations, num_tokens, dim))
         self.log_var = nn.Parameter(torch.full((num_degradations, num_tokens, dim), float(init_log_var)))
+        if sampling not in ("assigned", "mixture"):
+            raise ValueError(f"sampling must be 'assigned' or 'mixture', got {sampling!r}")
+        self.sampling = sampling
 
     @property
     def num_degradations(self) -> int:
@@ -105,6 +155,9 @@ class PromptDistribution(nn.Module):
         sample = self.training if sample is None else bool(sample)
         t, m, d = self.mu.shape
         a = assignment.to(self.mu.dtype)
+        if self.sampling == "assigned":
+            hard = torch.zeros_like(a).scatter_(1, a.argmax(dim=1, keepdim=True), 1.0)
+            a = hard + (a - a.detach())
         tokens = a @ self.mu.view(t, m * d)
         if sample:
             sigma = a @ torch.exp(0.5 * self.log_var).view(t, m * d)
@@ -113,7 +166,7 @@ class PromptDistribution(nn.Module):
 
     def extra_repr(self) -> str:
         t, m, d = self.mu.shape
-        return f"num_degradations={t}, num_tokens={m}, dim={d}"
+        return f"num_degradations={t}, num_tokens={m}, dim={d}, sampling={self.sampling!r}"
 
 
 class PromptCrossFusion(nn.Module):

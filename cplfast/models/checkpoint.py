@@ -75,11 +75,48 @@ def unwrap_state_dict(obj: Mapping, *, prefixes: tuple[str, ...] = _PREFIXES) ->
     return state
 
 
-def official_state_dict(source, *, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """A PromptIR state_dict from a mapping or a checkpoint path, with wrappers and prefixes removed.
+OFFICIAL_UNUSED_LAYERS = ("chnl_reduce1", "chnl_reduce2", "chnl_reduce3",
+                          "reduce_noise_channel_1", "reduce_noise_channel_2", "reduce_noise_channel_3")
+# BasicSR-style files (e.g. CPLIR) hold "params" and often "params_ema"; the EMA weights are preferred.
+_PARAM_ENTRIES = ("params_ema", "params")
+
+# Official checkpoint formats PromptIR.from_official recognises, in detection order:
+#   detect(state) -> bool; prompt: the default variant; prompts: the variants it may load as;
+#   overrides: PromptIR(preset="base") options that give the format's key set.
+OFFICIAL_FORMATS: dict[str, dict] = {
+    "promptir": {
+        "detect": lambda state: "prompt1.prompt_param" in state and "chnl_reduce1.weight" in state,
+        "prompt": "promptir", "prompts": ("promptir", "cpl"), "overrides": {},
+    },
+    "cplir": {
+        "detect": lambda state: "prompt1.prompt_param" in state
+        and not any(k.split(".")[0] in OFFICIAL_UNUSED_LAYERS for k in state),
+        "prompt": "cpl", "prompts": ("cpl", "promptir"), "overrides": {"official_unused_layers": False},
+    },
+}
+
+
+def detect_official_format(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The name in :data:`OFFICIAL_FORMATS` of the first format whose key test ``state`` passes, or None.
+
+    ``"promptir"``: PromptGenBlock prompts and the six unused 1x1 convolutions (548 keys);
+    ``"cplir"``: the prompts without any of those convolutions (542 keys).
+    """
+    for name, spec in OFFICIAL_FORMATS.items():
+        if spec["detect"](state):
+            return name
+    return None
+
+
+def official_state_dict(source, *, map_location: str | torch.device = "cpu", key: str | None = None,
+                        return_entry: bool = False):
+    """A state_dict from a mapping or a checkpoint path, with wrappers and prefixes removed.
 
     A Lightning checkpoint may also hold tensors of other modules (e.g. a loss); only keys with the
-    ``net.`` prefix are kept when there are any.
+    ``net.`` prefix are kept when there are any. A BasicSR-style file (``{"params": ..., "params_ema":
+    ...}``) gives ``key`` when set (``"params"`` or ``"params_ema"``; an error if absent), else
+    ``params_ema`` when present, else ``params``. ``return_entry=True`` returns ``(state, entry)`` with
+    ``entry`` the top-level entry used (``"params_ema"``, ``"params"``, ``"state_dict"``, ...) or None.
     """
     if isinstance(source, (str, os.PathLike)):
         source = read_state_dict_file(source, map_location=map_location)
@@ -87,14 +124,21 @@ def official_state_dict(source, *, map_location: str | torch.device = "cpu") -> 
         raise TypeError(
             f"source must be a state_dict or a checkpoint path, got {type(source).__name__}"
         )
-    state = source
-    for key in _WRAPPER_KEYS:
-        if isinstance(state.get(key), Mapping):
-            state = state[key]
-            break
+    state, entry = source, None
+    if key is not None:
+        if not isinstance(key, str) or not isinstance(source.get(key), Mapping):
+            entries = [k for k, v in source.items() if isinstance(v, Mapping)]
+            raise ValueError(f"key={key!r} is not an entry of the checkpoint (its entries: {entries})")
+        state, entry = source[key], key
+    else:
+        for name in _PARAM_ENTRIES + _WRAPPER_KEYS:
+            if isinstance(state.get(name), Mapping):
+                state, entry = state[name], name
+                break
     if isinstance(state, Mapping) and any(str(k).startswith("net.") for k in state):
         state = {k: v for k, v in state.items() if str(k).startswith("net.")}
-    return unwrap_state_dict(state)
+    state = unwrap_state_dict(state)
+    return (state, entry) if return_entry else state
 
 
-__all__ = ["official_state_dict", "read_state_dict_file", "unwrap_state_dict"]
+__all__ = ["OFFICIAL_FORMATS", "detect_official_format", "official_state_dict", "read_state_dict_file", "unwrap_state_dict"]

@@ -38,6 +38,11 @@ class PromptIRConfig:
     prompt_tokens: int = 4
     embed_dim: int = 64
     pip_heads: int = 2
+    # DPPD's open choices (no public code; see cplfast.layers.dppd): the paper-closest readings by default
+    dppd_prototypes: str = "predefined"  # or "learnable"
+    dppd_sampling: str = "assigned"  # or "mixture"
+    # CPL extension against routing collapse (not in CPL): noisy top-k gating scale, 0 = off
+    gate_noise: float = 0.0
     loss_weights: dict[str, float] = field(default_factory=dict)
 
     def level_widths(self) -> tuple[int, int, int, int]:
@@ -64,6 +69,12 @@ class PromptIRConfig:
         positive_ints("prompt_tokens", self.prompt_tokens)
         positive_ints("embed_dim", self.embed_dim)
         positive_ints("pip_heads", self.pip_heads)
+        if self.dppd_prototypes not in ("predefined", "learnable"):
+            raise ValueError(f"dppd_prototypes must be 'predefined' or 'learnable', got {self.dppd_prototypes!r}")
+        if self.dppd_sampling not in ("assigned", "mixture"):
+            raise ValueError(f"dppd_sampling must be 'assigned' or 'mixture', got {self.dppd_sampling!r}")
+        if isinstance(self.gate_noise, bool) or not isinstance(self.gate_noise, (int, float)) or not self.gate_noise >= 0:
+            raise ValueError(f"gate_noise must be a number >= 0, got {self.gate_noise!r}")
         if self.dim % 2:
             raise ValueError(f"dim must be even (Upsample halves 2*dim channels), got {self.dim}")
         if not self.ffn_expansion_factor > 0:

@@ -43,6 +43,8 @@ Return convention (the same for every variant)::
                       ``(B,D,h,w)``; feed it back as ``prompt_maps=`` to force it
     aux["negatives"]: (K,B,3,H,W), only with ``num_negatives=K`` (cpl)
     aux["negative_routing"]: dict[str, (K,B,N)], the forced routing that restored each negative
+                      (:meth:`cplfast.SparsePromptModule.negative_routing`, drawn independently per slot;
+                      ``negative_mode="random"`` by default — the paper's — or ``"ordered"``)
 
 ``labels`` (B,) int degradation labels are used by pip (teacher-forced router + cross-entropy) and dppd
 (cross-entropy on the assignment), and ignored by the other variants. Inputs need sides that are
@@ -51,6 +53,7 @@ multiples of 8; :meth:`PromptIR.restore` handles any size and tiling.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -63,9 +66,12 @@ from .restormer import Downsample, OverlapPatchEmbed, TransformerBlock, Upsample
 
 PROMPT_VARIANTS = ("promptir", "cpl", "pip", "dppd", "none")
 
+# cpl's "load_balance" and dppd's terms are off (0) by default: none is in the papers' losses (see
+# docs/fidelity.md); a positive weight turns the term on.
 DEFAULT_LOSS_WEIGHTS = {
     "pip": {"orthogonality": 0.01, "router_ce": 0.1},
-    "dppd": {"assignment_ce": 0.1, "kl": 1e-4},
+    "cpl": {"load_balance": 0.0},
+    "dppd": {"assignment_ce": 0.0, "kl": 0.0},
 }
 
 
@@ -178,7 +184,11 @@ class PromptIR(nn.Module):
                 prompt_dim=c.prompt_dims[level - 1], prompt_len=c.prompt_len,
                 prompt_size=c.prompt_sizes[level - 1], lin_dim=lin_dim,
             )
-            module = SparsePromptModule(**args, top_k=top_k) if self.prompt_type == "cpl" else PromptGenBlock(**args)
+            if self.prompt_type == "cpl":
+                module = SparsePromptModule(**args, top_k=top_k, gate_noise=c.gate_noise,
+                                            load_balance=self.loss_weights["load_balance"] > 0)
+            else:
+                module = PromptGenBlock(**args)
             setattr(self, f"prompt{level}", module)
 
     def _build_official_unused_layers(self) -> None:
@@ -216,9 +226,11 @@ class PromptIR(nn.Module):
 
         c = self.config
         _, d2, d3, d4 = c.level_widths()
-        self.assignment = DegradationPrototypeAssignment(d4, embed_dim=c.embed_dim, num_degradations=c.num_degradations)
+        self.assignment = DegradationPrototypeAssignment(d4, embed_dim=c.embed_dim, num_degradations=c.num_degradations,
+                                                         prototypes=c.dppd_prototypes)
         for level, width in zip((1, 2, 3), (d2, d3, d4)):
-            setattr(self, f"prompt{level}", PromptDistribution(c.num_degradations, c.prompt_tokens, width))
+            setattr(self, f"prompt{level}", PromptDistribution(c.num_degradations, c.prompt_tokens, width,
+                                                               sampling=c.dppd_sampling))
             setattr(self, f"fusion{level}", PromptCrossFusion(width, c.heads[2]))
 
     # ------------------------------------------------------------------ public helpers
@@ -254,32 +266,59 @@ class PromptIR(nn.Module):
         return cls(args.pop("prompt", "promptir"), args.pop("preset", "base"), **args)
 
     @classmethod
-    def from_official(cls, source, *, prompt: str = "promptir", top_k: int = 1,
+    def from_official(cls, source, *, prompt: str | None = None, top_k: int = 1, key: str | None = None,
                       map_location: str | torch.device = "cpu") -> "PromptIR":
-        """The ``base`` model with an official PromptIR checkpoint loaded strictly.
+        """The ``base`` model with an official checkpoint loaded strictly; the format is recognised by its keys.
 
         ``source``: a state_dict, or a path to ``.ckpt`` (Lightning, keys ``net.*``), ``.pth`` / ``.pt`` or
         ``.safetensors``. Files are read with ``torch.load(weights_only=True)`` or safetensors only.
-        ``prompt`` may be ``"promptir"`` or ``"cpl"`` (same keys).
-        """
-        from .checkpoint import official_state_dict
 
-        if prompt not in ("promptir", "cpl"):
-            raise ValueError(f"prompt must be 'promptir' or 'cpl' for an official checkpoint, got {prompt!r}")
-        state = official_state_dict(source, map_location=map_location)
-        model = cls(prompt=prompt, preset="base", top_k=top_k)
+        Recognised formats (:func:`cplfast.models.checkpoint.detect_official_format`):
+
+        * ``"promptir"`` — official PromptIR (va1shn9v/PromptIR), 548 keys including the six 1x1
+          convolutions it builds and never calls; ``prompt`` ``"promptir"`` (default) or ``"cpl"``.
+        * ``"cplir"`` — the CPL authors' CPLIR (Aitical/CPLIR): the same network without those six
+          convolutions, 542 keys; ``prompt`` ``"cpl"`` (default) or ``"promptir"``. The model is built
+          with ``official_unused_layers=False``.
+
+        ``key``: which entry of a BasicSR-style file to load (``"params"`` or ``"params_ema"``); by
+        default ``params_ema`` when the file holds it, else ``params``, else the file's only state_dict.
+        ``top_k`` applies to ``prompt="cpl"``.
+
+        The recognised format is logged (logger ``cplfast.models``, INFO) and kept on the model as
+        ``model.official_source = {"format": ..., "keys": ..., "entry": ...}`` (``entry``: the file entry
+        that was loaded, e.g. ``"params_ema"``, or None).
+        """
+        from .checkpoint import OFFICIAL_FORMATS, detect_official_format, official_state_dict
+
+        state, entry = official_state_dict(source, map_location=map_location, key=key, return_entry=True)
+        fmt = detect_official_format(state)
+        if fmt is None:
+            raise ValueError(
+                f"source is not an official checkpoint: {len(state)} keys match none of the formats "
+                f"{tuple(OFFICIAL_FORMATS)} (e.g. official PromptIR has 548 keys, CPLIR 542)"
+            )
+        spec = OFFICIAL_FORMATS[fmt]
+        prompt = spec["prompt"] if prompt is None else prompt
+        if prompt not in spec["prompts"]:
+            raise ValueError(f"prompt must be one of {spec['prompts']} for a {fmt} checkpoint, got {prompt!r}")
+        model = cls(prompt=prompt, preset="base", top_k=top_k, **spec["overrides"])
         own = model.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
             raise ValueError(
-                "source is not an official PromptIR state_dict: "
+                f"source is not an official {fmt} state_dict: "
                 f"{len(missing)} missing key(s) {missing[:5]}, {len(unexpected)} unexpected key(s) {unexpected[:5]}"
             )
-        for key, value in state.items():
-            want = own[key].shape
+        for name, value in state.items():
+            want = own[name].shape
             if tuple(value.shape) != tuple(want):
-                raise ValueError(f"source[{key!r}] has shape {tuple(value.shape)}, expected {tuple(want)}")
+                raise ValueError(f"source[{name!r}] has shape {tuple(value.shape)}, expected {tuple(want)}")
         model.load_state_dict(state, strict=True)
+        model.official_source = {"format": fmt, "keys": len(state), "entry": entry}
+        logging.getLogger("cplfast.models").info(
+            "loaded an official %s checkpoint (%d keys%s) as PromptIR(prompt=%r)", fmt, len(state),
+            f", entry {entry!r}" if entry else "", prompt)
         return model
 
     def restore(self, image: torch.Tensor, *, tile: int | None = None, overlap: int = 32,
@@ -289,15 +328,18 @@ class PromptIR(nn.Module):
 
         return restore(self, image, tile=tile, overlap=overlap, routing=routing, routing_size=routing_size)
 
-    def forward_with_negatives(self, x: torch.Tensor, num_negatives: int, *, labels: torch.Tensor | None = None):
+    def forward_with_negatives(self, x: torch.Tensor, num_negatives: int, *, labels: torch.Tensor | None = None,
+                               negative_mode: str = "random", generator: torch.Generator | None = None):
         """``(output (B,3,H,W), negatives (K,B,3,H,W))`` for CPR; ``cpl`` only (see :meth:`forward`)."""
-        out, aux = self(x, labels=labels, num_negatives=num_negatives, return_aux=True)
+        out, aux = self(x, labels=labels, num_negatives=num_negatives, negative_mode=negative_mode,
+                        generator=generator, return_aux=True)
         return out, aux["negatives"]
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *, labels: torch.Tensor | None = None,
                 routing: Mapping[str, torch.Tensor] | None = None,
                 prompt_maps: Mapping[str, torch.Tensor] | None = None, num_negatives: int = 0,
+                negative_mode: str = "random", generator: torch.Generator | None = None,
                 return_aux: bool = False):
         """Restore ``x`` ``(B, in_channels, H, W)`` with H, W multiples of 8.
 
@@ -309,6 +351,10 @@ class PromptIR(nn.Module):
                 to ``(B, D, h, w)`` maps of the size the slot expects, used instead of computing them
                 (tiled inference passes each tile its crop of the whole image's maps).
             num_negatives: ``K > 0`` (cpl only) also restores K negatives with mismatched routing.
+            negative_mode: ``"random"`` (default, the CPL paper's: unselected prompts drawn at random per
+                image, slot and call from ``generator``, default torch's default generator of x's device)
+                or ``"ordered"`` (lowest-index unselected prompts first); see
+                :meth:`cplfast.SparsePromptModule.negative_routing`.
             return_aux: return ``(output, aux)`` (see the module docstring) instead of the output.
         """
         self._check_input(x)
@@ -319,6 +365,8 @@ class PromptIR(nn.Module):
             raise ValueError(f"num_negatives must be an int >= 0, got {num_negatives!r}")
         if num_negatives and self.prompt_type != "cpl":
             raise ValueError(f"num_negatives needs prompt='cpl', this model has prompt={self.prompt_type!r}")
+        if negative_mode not in ("random", "ordered"):
+            raise ValueError(f"negative_mode must be 'random' or 'ordered', got {negative_mode!r}")
         if num_negatives and prompt_maps:
             raise ValueError("num_negatives cannot be combined with prompt_maps (negatives re-route the prompts)")
 
@@ -329,7 +377,8 @@ class PromptIR(nn.Module):
             return out
         aux = {"routing": state.routing, "losses": state.losses, "prompt_maps": state.maps}
         if num_negatives:
-            negatives, negative_routing = self._negatives(x, latent, skips, state, num_negatives)
+            negatives, negative_routing = self._negatives(x, latent, skips, state, num_negatives,
+                                                          negative_mode, generator)
             aux["negatives"], aux["negative_routing"] = negatives, negative_routing
         return (out, aux) if return_aux else (out, aux["negatives"])
 
@@ -380,6 +429,10 @@ class PromptIR(nn.Module):
             prompt = generator(feature)  # a module call, so hooks (summary, profilers) see it
             if isinstance(generator, SparsePromptModule):
                 routing = generator.last_routing
+                for term, value in generator.last_aux.items():
+                    weight = self.loss_weights.get(term, 0.0)
+                    if weight:
+                        state.losses[f"{key}.{term}"] = weight * value
             else:  # the dense block keeps no routing: recompute it from the pooled feature (cheap)
                 routing = _dense_routing(generator, feature)
         if routing is not None:
@@ -397,7 +450,8 @@ class PromptIR(nn.Module):
 
         dppd_assign(self, latent, state)
 
-    def _negatives(self, x, latent, skips, state: _Pass, count: int):
+    def _negatives(self, x, latent, skips, state: _Pass, count: int, mode: str = "random",
+                   generator: torch.Generator | None = None):
         """K negatives: the decoder from slot 3 re-run once, batched, with mismatched routing at every slot."""
         for level in (1, 2, 3):
             limit = getattr(self, f"prompt{level}").max_negatives()
@@ -408,7 +462,8 @@ class PromptIR(nn.Module):
                 )
         batch = x.shape[0]
         negative_routing = {
-            key: getattr(self, key).negative_routing(state.routing[key], count) for key in self.routing_keys
+            key: getattr(self, key).negative_routing(state.routing[key], count, mode=mode, generator=generator)
+            for key in self.routing_keys
         }
 
         def repeat(t: torch.Tensor) -> torch.Tensor:
