@@ -23,15 +23,22 @@ One program per (b,h, split) walks its share of the pixel blocks and accumulates
 each, so the live registers are ``2 * M * d``-sized, not padded to a power of two of d). It writes them as
 fp32 partials ``(2, splits, B*h, M, d)``; a second kernel sums the partials of each element in a fixed
 order and casts: deterministic, unlike fp32 atomics, and cheap, as a partial is only ``M x d`` against
-the ``>= 8M x d`` tiles that produced it.
+the ``>= 4M x d`` tiles that produced it. The split count comes from the SM count (:func:`default_splits`).
 
-Launches: forward 1, backward 2.
+With ``"ieee"`` dots (fp32 FMA, PyTorch's default "highest" precision) and M > 16, ``dq = dS @ k`` is left
+to a third kernel laid out as the forward (see :func:`backward_plan`): Triton's FMA dot keeps each
+thread's operand rows and columns over the whole reduction (here all M tokens) in registers, which next
+to the dk/dv accumulators would spill.
+
+Every ``tl.dot`` takes ``input_precision`` from :func:`cplfast.kernels._device.dot_precision`; offsets
+are 64-bit wherever a product with a stride can pass 2^31 (pixel index, batch, head, partial index).
+
+Launches: forward 1; backward 2 (dk/dv pass with dq, partial sum), or 3 (+ dq kernel) for ieee, M > 16.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Sequence
 
 import torch
@@ -388,6 +395,7 @@ def token_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     m = k.shape[2]
     if plan is None:
         plan = forward_plan(m, d, q.dtype, dot_precision(q.dtype, q.device), cuda=q.device.type == "cuda")
+    _check_dim_strides(q, k, v)
     n_lblocks = triton.cdiv(length, plan.block_l)
     out = _empty(q.shape, q.dtype, q.device)
     with device_guard(q.device):
@@ -404,6 +412,15 @@ def token_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
 SUM_BLOCK = 1024
 
 
+def _check_dim_strides(*tensors: torch.Tensor) -> None:
+    """Column offsets ``dim * stride(-1)`` are 32-bit in the kernels (pixel, batch and head offsets are
+    64-bit): refuse the views where they would overflow rather than read the wrong memory."""
+    for t in tensors:
+        if t.shape[-1] * abs(t.stride(-1)) >= 2**31:
+            raise ValueError(f"head dimension stride {t.stride(-1)} x d={t.shape[-1]} reaches 2^31; "
+                             "pass a tensor with a smaller last-dimension stride")
+
+
 def token_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              scale: float, *, plan: Plan | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -415,6 +432,7 @@ def token_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     if plan is None:
         plan = backward_plan(length, batch * heads, m, d, q.dtype, dot_precision(q.dtype, dev),
                              sms=sm_count(dev), cuda=dev.type == "cuda")
+    _check_dim_strides(grad_out, q, k, v)
     blocks_per_split = triton.cdiv(triton.cdiv(length, plan.block_l), plan.splits)
     size = batch * heads * m * d
     dq = _empty(q.shape, q.dtype, dev)

@@ -371,3 +371,15 @@ def test_cuda_matches_reference(dtype, shape):
     q, k, v = (x.to(dtype) for x in make_inputs(*shape, dtype=torch.float32, device="cuda"))
     fwd_tol, grad_tol = CUDA_TOLERANCES[dtype]
     assert_close(triton_vs_reference(q, k, v), fwd_tol, grad_tol)
+
+
+def test_launchers_refuse_head_dimension_strides_past_32_bits():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty_strided((1, 1, 4, 128), (2**30, 2**30, 1, 2**24))  # an NCHW view of a 16M-pixel map
+        k = v = torch.empty(1, 1, 3, 128)
+        with pytest.raises(ValueError, match="head dimension stride"):
+            kernels.token_attention_forward(q, k, v, 0.5)
+        with pytest.raises(ValueError, match="head dimension stride"):
+            kernels.token_attention_backward(q, q, k, v, 0.5)
