@@ -563,3 +563,25 @@ def test_cpu_vs_official_refuses_a_baseline_that_disagrees(cvo, tmp_path):
                   "--official-repo", str(repo)])
     with pytest.raises(SystemExit, match="net/model.py does not exist"):
         cvo.main(["--out", str(tmp_path / "o"), "--official-repo", str(tmp_path / "nowhere")])
+
+
+def test_e2e_inference_is_checked_against_the_reference_backend(fake_timer, monkeypatch):
+    from cplfast.bench import e2e
+
+    real = e2e.prepare_workload
+
+    def wrong_for_cplfast(case, provider, config, model, cpr):
+        prepare = real(case, provider, config, model, cpr)
+        if provider != "cplfast":
+            return prepare
+        fn = prepare()
+        return lambda: (lambda: fn() * 1.01)
+
+    monkeypatch.setattr(e2e, "prepare_workload", wrong_for_cplfast)
+    monkeypatch.setattr(e2e, "peak_mb", lambda prepare, device: 1.0)
+    doc = run_suite(_tiny_config(providers=("cplfast", "eager"), rounds=3, cpu_budget_s=0.0), [e2e.INFER])
+    rows = {r["provider"]: r for r in doc["results"]}
+    assert rows["eager"]["correct"] is True and rows["cplfast"]["correct"] is False
+    assert rows["cplfast"]["median_ms"] is not None and rows["cplfast"]["rounds"] >= 3
+    assert [f["provider"] for f in doc["failures"]] == ["cplfast"]
+    assert doc["ratios"][0]["speedup_vs_eager"] is None
