@@ -70,6 +70,17 @@ def positive_scalar(name: str, value: object) -> float:
     return float(value)
 
 
+def positive_values(name: str, t: torch.Tensor) -> None:
+    """Every value of ``t`` finite and > 0 — checked where it costs no device sync: CPU tensors, and
+    tensors that do not require grad (user-given constants). A trainable CUDA parameter (Restormer's
+    per-head temperature) is not synced on every call."""
+    if t.device.type != "cpu" and t.requires_grad:
+        return
+    bad = ~torch.isfinite(t) | (t <= 0)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be finite and > 0 everywhere, got {t.detach().flatten().tolist()[:8]}")
+
+
 def int_in_range(name: str, value: object, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -133,6 +133,7 @@ def topm_channel_attention(
     check.shape("v", v, tuple(q.shape), "same as q: (B, h, c, L)")
     check.shape("temperature", temperature, (q.shape[1],), "(h,)")
     check.nonempty("q", q)
+    check.positive_values("temperature", temperature)
     fractions = _fractions(fractions, q.shape[2])
     if mix is not None:
         check.tensor("mix", mix, 1)
@@ -192,6 +193,9 @@ def infonce(
     check.shape("positive", positive, tuple(anchor.shape), "same as anchor")
     check.shape("negatives", negatives, (None, *anchor.shape), "(K, *anchor.shape)")
     check.nonempty("anchor", anchor)
+    if negatives.shape[0] == 0:
+        raise ValueError("negatives must hold at least one negative (K >= 1), got K=0: with no negative the "
+                         "loss is identically 0")
     if isinstance(dim, bool) or not isinstance(dim, int) or not -anchor.dim() <= dim < anchor.dim():
         raise ValueError(f"dim must be an int in [{-anchor.dim()}, {anchor.dim() - 1}], got {dim!r}")
     temperature = check.positive_scalar("temperature", temperature)
@@ -222,6 +226,8 @@ def supcon(
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     check.shape("labels", labels, (z.shape[0],), "(N,) with N = z.shape[0]")
     check.nonempty("z", z)
+    if z.shape[0] < 2 and not gather:
+        raise ValueError(f"z must hold at least 2 samples (N >= 2) to have a positive pair, got N={z.shape[0]}")
     check.same_device(z=z, labels=labels)
     temperature = check.positive_scalar("temperature", temperature)
     reduction = check.choice("reduction", reduction, ("mean", "sum", "none"))

@@ -258,3 +258,30 @@ def test_autocast_mixed_dtypes_are_cast_like_autocast_does():
     assert loss.dtype == torch.float32
     expected, _ = functional.sparse_prompt(x, weight.bfloat16(), bias.bfloat16(), prompts.bfloat16(), k=1)
     torch.testing.assert_close(out, expected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# values that define no result are errors, not numbers (SPEC §9)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_supcon_with_one_sample_is_an_error_not_nan():
+    with pytest.raises(ValueError, match=r"^z must hold at least 2 samples \(N >= 2\).*N=1"):
+        functional.supcon(torch.randn(1, 8), torch.tensor([0]))
+
+
+def test_infonce_without_negatives_is_an_error_not_zero():
+    anchor = torch.randn(2, 3, 4, 5)
+    with pytest.raises(ValueError, match=r"^negatives must hold at least one negative \(K >= 1\), got K=0"):
+        functional.infonce(anchor, torch.randn_like(anchor), anchor.new_empty((0, 2, 3, 4, 5)))
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf")])
+def test_topm_channel_attention_refuses_non_positive_or_non_finite_temperature(bad):
+    q = torch.randn(1, 2, 4, 9)
+    temperature = torch.tensor([1.0, bad])
+    with pytest.raises(ValueError, match=r"^temperature must be finite and > 0"):
+        functional.topm_channel_attention(q, q, q, temperature)
+    # a trainable temperature on the CPU is checked too (no device sync to avoid here)
+    with pytest.raises(ValueError, match=r"^temperature"):
+        functional.topm_channel_attention(q, q, q, temperature.requires_grad_())
