@@ -59,9 +59,12 @@ def test_saved_model_rebuilds_with_ema_weights(tmp_path):
     assert result.model_path == tmp_path / ckpt.MODEL_FILE
 
 
-@pytest.mark.parametrize("prompt", ["pip", "dppd"])
-def test_variants_train_with_their_aux_losses(tmp_path, prompt):
-    trainer = Trainer(TrainConfig(**FAST, steps=1, prompt=prompt, ema=0), tmp_path, progress=False)
+# dppd's auxiliary losses are off by default (the paper's figure shows none): turned on by their weights
+@pytest.mark.parametrize("prompt,overrides", [("pip", {}),
+                                              ("dppd", {"loss_weights": {"assignment_ce": 0.1, "kl": 1e-4}})])
+def test_variants_train_with_their_aux_losses(tmp_path, prompt, overrides):
+    trainer = Trainer(TrainConfig(**FAST, steps=1, prompt=prompt, ema=0, model_overrides=overrides), tmp_path,
+                      progress=False)
     batch = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=2)))
     loss, parts = trainer._loss(batch)
     assert loss.requires_grad and math.isfinite(float(loss.detach()))
