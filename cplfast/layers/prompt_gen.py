@@ -196,7 +196,7 @@ class SparsePromptModule(PromptGenBlock):
         routing = routing.detach()
         order = _kept_order(routing)
         kept_values = torch.gather(routing, 1, order[:, :k])
-        unselected = order[:, k:]  # index order: after top-k they all carry weight 0 (stable sort)
+        unselected = order[:, k:].sort(dim=1).values  # index order (also for a dense routing row)
         if mode == "random":
             keys = torch.rand(unselected.shape, device=routing.device, generator=generator)
             unselected = torch.gather(unselected, 1, keys.argsort(dim=1))
