@@ -6,6 +6,10 @@ Per step, with x the degraded batch, y the clean batch and ŷ = model(x)::
          + CPR(ŷ, y, negatives)                       (cpl with num_negatives > 0: ContrastivePromptLoss)
          + Σ aux["losses"]                            (pip / dppd regularisers, already weighted)
 
+``pixel_loss`` ``"auto"`` (default) is ``"smoothl1"`` for pip — the official PIP trainer's
+``SmoothL1Loss()`` (β = 1, so on [0, 1] images it is half the squared error) — and ``"l1"`` otherwise;
+``"l1"`` / ``"smoothl1"`` choose either for any variant. (The official PIP trainer also rescales a step's
+loss when it exceeds 5x the smallest of the last 100; cplfast clips the gradient norm instead.)
 ``pixel_loss="psnr"`` replaces the L1 term by ``mean_i 10 log10(MSE_i + 1e-8)`` over the images i of
 the batch (= −mean PSNR at data range 1): every image's gradient is divided by its own error, so images that
 are already close (mild blur) weigh as much as badly degraded ones (low light) — the weighting of a
@@ -64,6 +68,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -77,6 +82,9 @@ TRAIN_STATE_KIND = "train_state"
 LOG_FILE = "train_log.jsonl"
 # TrainConfig fields a resumed run may change: the schedule's length, how the batch is split, I/O.
 RESUME_CHANGES = ("steps", "time_budget", "grad_accum", "log_every", "save_every", "workers")
+
+
+PIXEL_LOSSES = ("auto", "l1", "smoothl1", "psnr")
 
 
 @dataclass
@@ -120,7 +128,7 @@ class TrainConfig:
     min_steps: int = 0  # with time_budget: keep going past the budget until this many steps ...
     time_limit: float | None = None  # ... but never past this many seconds (default: the budget)
     deterministic: bool = False
-    pixel_loss: str = "l1"  # "l1" (PromptIR / CPL) or "psnr": mean over images of 10 log10(MSE)
+    pixel_loss: str = "auto"  # "auto": smoothl1 for pip (official PIP), else l1 | "l1" | "smoothl1" | "psnr"
     zero_init_output: bool = False  # start as the identity (output conv zeroed; PromptIR adds the input)
 
     def validate(self) -> "TrainConfig":
@@ -181,9 +189,16 @@ class TrainConfig:
             if value and self.prompt != "cpl":
                 raise ValueError(f"{name} is an extension of CPL's sparse routing and needs prompt='cpl', "
                                  f"got prompt={self.prompt!r}")
-        if self.pixel_loss not in ("l1", "psnr"):
-            raise ValueError(f"pixel_loss must be 'l1' or 'psnr', got {self.pixel_loss!r}")
+        if self.pixel_loss not in PIXEL_LOSSES:
+            raise ValueError(f"pixel_loss must be one of {PIXEL_LOSSES}, got {self.pixel_loss!r}")
         return self
+
+    @property
+    def pixel_loss_name(self) -> str:
+        """The pixel loss in force: ``pixel_loss`` with ``"auto"`` resolved (smoothl1 for pip, else l1)."""
+        if self.pixel_loss == "auto":
+            return "smoothl1" if self.prompt == "pip" else "l1"
+        return self.pixel_loss
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -598,12 +613,15 @@ class Trainer:
                                                 **({"negative_mode": self.config.cpr_negatives} if k else {}))
         self._count_routing(batch["task"], aux.get("routing", {}))
         out = out.float()
-        if self.config.pixel_loss == "l1":
+        pixel_loss = self.config.pixel_loss_name
+        if pixel_loss == "l1":
             pixel = (out - y).abs().mean()
+        elif pixel_loss == "smoothl1":
+            pixel = F.smooth_l1_loss(out, y, beta=1.0)
         else:  # per-image PSNR loss: each image's gradient is scaled by its own error, as PSNR weighs them
             mse = (out - y).pow(2).flatten(1).mean(1)
             pixel = (10 / math.log(10)) * torch.log(mse + 1e-8).mean()
-        parts = {self.config.pixel_loss: pixel.detach()}
+        parts = {pixel_loss: pixel.detach()}
         loss = pixel
         if k:
             cpr = self.cpr(out, y, aux["negatives"].float())

@@ -326,6 +326,56 @@ def test_pip_rejects_bad_labels():
         m(x, [0, 1])
 
 
+def test_pip_degradation_prompt_is_the_mean_over_t():
+    """Official PIP averages the (B, T, D) products w_t P_t over T: one-hot labels give P_label / T.
+
+    Hard-coded case: T = 4, D = 2, P_2 = (8, -4); every layer after the product is replaced by a probe
+    that returns the semantic prompt, and the feature is all ones, so the probe sees p_deg itself.
+    """
+    class Probe(torch.nn.Module):
+        def forward(self, basic, semantic):
+            seen.append(semantic)
+            return semantic
+
+    m = cplfast.PromptInPrompt(2, 2, 1, num_degradations=4, heads=1).train()
+    seen = []
+    m.LGM, m.outconv = Probe(), torch.nn.Identity()
+    with torch.no_grad():
+        m.detask_prompt_param.zero_()
+        m.detask_prompt_param[0, 2, :, 0, 0] = torch.tensor([8.0, -4.0])
+        m.detask_prompt_param[0, 0, :, 0, 0] = torch.tensor([1.0, 1.0])
+    x = torch.ones(1, 2, 1, 1)
+    m(x, torch.tensor([2]))
+    assert seen[-1].flatten().tolist() == [2.0, -1.0]  # (8, -4) / 4; a sum would give (8, -4)
+    m(x, torch.tensor([[0.5, 0.0, 0.5, 0.0]]))  # composite weights: (0.5 P_0 + 0.5 P_2) / 4
+    assert seen[-1].flatten().tolist() == [1.125, -0.375]
+
+
+def test_pip_without_router_is_the_official_layer():
+    m = make_pip(router=False)
+    assert m.router is None and not any(k.startswith("router") for k in m.state_dict())
+    x = torch.randn(B, 10, H, W)
+    labels = torch.tensor([3, 1])
+    for mode in (m.train(), m.eval()):  # labels steer the mix in training and in eval alike
+        out = mode(x, labels)
+        assert "router_ce" not in m.last_aux and m.last_logits is None
+        torch.testing.assert_close(m.last_routing, F.one_hot(labels, 4).float())
+        torch.testing.assert_close(mode(x, F.one_hot(labels, 4).float()), out)
+    assert not torch.allclose(m(x, torch.tensor([0, 2])), out)
+    with pytest.raises(ValueError, match="labels are required.*router=False"):
+        m(x)
+    with pytest.raises(TypeError, match="router must be a bool"):
+        make_pip(router=1)
+
+
+def test_pip_official_initial_values():
+    interaction = cplfast.SelectivePromptFeatureInteraction(8, 16, heads=4)
+    assert interaction.attn.mix.tolist() == pytest.approx([0.2] * 4)  # official attn1..attn4 = 0.2
+    assert interaction.attn.temperature.shape == (4, 1, 1) and interaction.reduce_channel.weight.shape == (8, 16, 1, 1)
+    pip = make_pip(prompt_dim=8)  # the official LGM has 2 heads
+    assert pip.LGM.attn.temperature.shape == (2, 1, 1) and pip.LGM.attn.mix is None
+
+
 # ----------------------------------------------------------------------------------------------------
 # SelectivePromptFeatureInteraction (SPEC §4.4)
 

@@ -33,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "each (default: 1)")
     parser.add_argument("--patch", type=positive_int, default=None, help="training patch side, a multiple of 8 (default: 64)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-4)")
-    parser.add_argument("--pixel-loss", choices=("l1", "psnr"), default=None,
-                        help="pixel loss: l1 (PromptIR/CPL) or psnr (mean per-image log MSE) (default: l1)")
+    parser.add_argument("--pixel-loss", choices=("l1", "smoothl1", "psnr"), default=None,
+                        help="pixel loss: l1 (PromptIR/CPL), smoothl1 (official PIP's SmoothL1, beta 1) or psnr "
+                             "(mean per-image log MSE) (default: smoothl1 for --prompt pip, else l1)")
     parser.add_argument("--negatives", type=int, default=None, help="CPR negatives per image for cpl; 0 disables CPR (default: 2)")
     parser.add_argument("--cpr-weight", type=float, default=None, help="weight of the CPR loss (default: 0.1)")
     parser.add_argument("--cpr-batch-negatives", action="store_const", const=True, default=None,

@@ -9,7 +9,10 @@
 Both call :func:`cplfast.functional.topm_channel_attention`, so they run the Triton kernel on CUDA.
 Submodule and parameter names follow the official PIP code (``detask_prompt_param``,
 ``low_prompt_param``, ``LGM``, ``outconv``; ``norm11``, ``norm12``, ``attn``, ``norm2``, ``ffn``,
-``reduce_channel``), so its checkpoints map onto these layers; the router of the blind mode is new.
+``reduce_channel``), so its checkpoints map onto these layers
+(:func:`cplfast.models.pip_official.official_pip_to_cplfast` renames the rest). The router of the blind
+mode is cplfast's: the official code takes the degradation class from the data or from a separately
+trained classifier, at test time too (``router=False`` reproduces that).
 """
 
 from __future__ import annotations
@@ -39,12 +42,14 @@ class ChannelCrossAttention(nn.Module):
     ``q = dwconv3x3(conv1x1(x_q))``, ``(k, v) = dwconv3x3(conv1x1(x_kv))``, split into ``heads`` groups
     of ``c = dim / heads`` channels over ``L = H*W``; then
     ``out = project_out(topm_channel_attention(q, k, v, temperature, fractions, mix))``.
-    ``fractions=None`` is plain MDTA; otherwise ``mix`` (one learnable weight per fraction, init 1/J)
-    combines the top-m softmaxes. ``x_q`` may have batch 1 (a shared prompt): it is computed once and
+    ``fractions=None`` is plain MDTA; otherwise ``mix`` (one learnable weight per fraction, each initialised
+    to ``mix_init``, 0.2 as in the official PIP code, so the weights start summing to 0.8 for four
+    fractions) combines the top-m softmaxes. ``x_q`` may have batch 1 (a shared prompt): it is computed once and
     broadcast over the batch of ``x_kv``.
     """
 
-    def __init__(self, dim: int, heads: int, bias: bool = False, fractions: Sequence[float] | None = None):
+    def __init__(self, dim: int, heads: int, bias: bool = False, fractions: Sequence[float] | None = None,
+                 mix_init: float = 0.2):
         super().__init__()
         self.num_heads = heads
         self.fractions = None if fractions is None else tuple(float(f) for f in fractions)
@@ -57,7 +62,7 @@ class ChannelCrossAttention(nn.Module):
         if self.fractions is None:
             self.register_parameter("mix", None)
         else:
-            self.mix = nn.Parameter(torch.full((len(self.fractions),), 1.0 / len(self.fractions)))
+            self.mix = nn.Parameter(torch.full((len(self.fractions),), float(mix_init)))
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         b, c, h, w = t.shape
@@ -121,22 +126,29 @@ class PromptInPrompt(nn.Module):
 
         r        = softmax(router(mean_HW x))                    (B,T)  blind routing
         w        = one_hot(labels) if teacher forcing else r     (B,T)
-        p_deg    = w @ P_deg                                     (B,D)  P_deg = detask_prompt_param (T,D)
+        p_deg    = (w @ P_deg) / T                               (B,D)  P_deg = detask_prompt_param (T,D)
         semantic = resize(x, S×S)[:, :D] (zero-padded if C < D) * p_deg
         u        = LGM(basic, semantic)                          (B,D,S,S)  basic = low_prompt_param
         out      = outconv(resize(u, H×W))                       (B,D,H,W)
 
+    ``p_deg`` is the MEAN over the T terms ``w_t P_t``, as in the official code (which averages the
+    ``(B, T, D, 1, 1)`` product over T): with one-hot labels it is ``P_label / T``, not ``P_label``.
+
     Labels (class indices ``(B,)`` or float weights ``(B,T)`` for composites) teacher-force the mix
-    only in training (``teacher_forcing=True``); in eval the router always decides (blind), unlike the
-    official code, which needs labels at test time. Labels, whenever given, also give the router a
-    cross-entropy.
+    only in training (``teacher_forcing=True``); in eval the router always decides (blind). The router
+    is cplfast's replacement for the official code's external degradation classifier: the official
+    network has no router and takes the class from the data (training) or from a separately trained
+    classifier (testing). ``router=False`` builds the official layer: no router, labels required in
+    training and eval alike (or forced weights through :class:`cplfast.models.PromptIR`'s ``routing=``).
+    Labels, whenever given and a router exists, also give the router a cross-entropy.
 
     Auxiliary terms, set by every forward in ``last_aux`` (add them to the training loss yourself):
 
     * ``last_aux["router_ce"]``: cross-entropy of the router against the labels (only when labels given);
     * ``last_aux["orthogonality"]``: :meth:`orthogonality_loss`, ``sum_{i<j} relu(cos(P_i, P_j))``.
 
-    ``last_routing`` holds the router probabilities ``(B,T)`` and ``last_logits`` its logits.
+    ``last_routing`` holds the router probabilities ``(B,T)`` and ``last_logits`` its logits (without a
+    router: the label weights and None).
     """
 
     def __init__(
@@ -149,8 +161,11 @@ class PromptInPrompt(nn.Module):
         ffn_expansion_factor: float = 2.66,
         bias: bool = False,
         teacher_forcing: bool = True,
+        router: bool = True,
     ):
         super().__init__()
+        if not isinstance(router, bool):
+            raise TypeError(f"router must be a bool, got {type(router).__name__}")
         for name, value in (("in_dim", in_dim), ("prompt_dim", prompt_dim), ("prompt_size", prompt_size),
                             ("num_degradations", num_degradations)):
             _checks.positive_int(name, value)
@@ -161,7 +176,10 @@ class PromptInPrompt(nn.Module):
         self.teacher_forcing = bool(teacher_forcing)
         self.detask_prompt_param = nn.Parameter(torch.randn(1, num_degradations, prompt_dim, 1, 1))
         self.low_prompt_param = nn.Parameter(torch.randn(1, prompt_dim, prompt_size, prompt_size))
-        self.router = nn.Linear(in_dim, num_degradations)
+        if router:
+            self.router = nn.Linear(in_dim, num_degradations)
+        else:
+            self.register_module("router", None)
         self.LGM = PromptCrossBlock(prompt_dim, heads, ffn_expansion_factor, bias)
         self.outconv = nn.Conv2d(prompt_dim, prompt_dim, kernel_size=3, padding=1, bias=False)
         self.last_routing: torch.Tensor | None = None
@@ -185,20 +203,29 @@ class PromptInPrompt(nn.Module):
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         _checks.feature_map("x", x, self.in_dim, f"(B, in_dim, H, W) with in_dim = {self.in_dim}")
         b, _, h, w = x.shape
-        logits = self.router(x.mean(dim=(2, 3)))
-        routing = torch.softmax(logits, dim=1)
-        self.last_logits, self.last_routing = logits, routing
-        weights = routing
         aux: dict[str, torch.Tensor] = {}
-        if labels is not None:
-            target = _checks.label_weights(labels, b, self.num_degradations, x.device, logits.dtype)
-            aux["router_ce"] = _checks.soft_cross_entropy(torch.log_softmax(logits, dim=1), target)
-            if self.training and self.teacher_forcing:
-                weights = target
+        if self.router is None:
+            if labels is None:
+                raise ValueError(
+                    "labels are required: this PromptInPrompt has no router (router=False, the official "
+                    "network); pass the degradation labels, or forced routing weights to the model"
+                )
+            weights = _checks.label_weights(labels, b, self.num_degradations, x.device, x.dtype)
+            self.last_logits, self.last_routing = None, weights
+        else:
+            logits = self.router(x.mean(dim=(2, 3)))
+            routing = torch.softmax(logits, dim=1)
+            self.last_logits, self.last_routing = logits, routing
+            weights = routing
+            if labels is not None:
+                target = _checks.label_weights(labels, b, self.num_degradations, x.device, logits.dtype)
+                aux["router_ce"] = _checks.soft_cross_entropy(torch.log_softmax(logits, dim=1), target)
+                if self.training and self.teacher_forcing:
+                    weights = target
         aux["orthogonality"] = self.orthogonality_loss()
         self.last_aux = aux
 
-        degradation_prompt = weights @ self.degradation_prompts
+        degradation_prompt = (weights @ self.degradation_prompts) / self.num_degradations
         feature = _resize(_match_channels(x, self.prompt_dim), (self.prompt_size, self.prompt_size))
         semantic = feature * degradation_prompt[:, :, None, None]
         universal = self.LGM(self.low_prompt_param, semantic)
@@ -206,7 +233,8 @@ class PromptInPrompt(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_dim={self.in_dim}, prompt_dim={self.prompt_dim}, prompt_size={self.prompt_size}, "
-                f"num_degradations={self.num_degradations}, teacher_forcing={self.teacher_forcing}")
+                f"num_degradations={self.num_degradations}, teacher_forcing={self.teacher_forcing}, "
+                f"router={self.router is not None}")
 
 
 class SelectivePromptFeatureInteraction(nn.Module):
@@ -234,6 +262,7 @@ class SelectivePromptFeatureInteraction(nn.Module):
         fractions: Sequence[float] = DEFAULT_FRACTIONS,
         ffn_expansion_factor: float = 2.66,
         bias: bool = False,
+        mix_init: float = 0.2,
     ):
         super().__init__()
         _checks.positive_int("dim", dim)
@@ -246,7 +275,7 @@ class SelectivePromptFeatureInteraction(nn.Module):
         self.prompt_dim = prompt_dim
         self.norm11 = LayerNorm2d(dim)
         self.norm12 = LayerNorm2d(prompt_dim)
-        self.attn = ChannelCrossAttention(prompt_dim, heads, bias, fractions=fractions)
+        self.attn = ChannelCrossAttention(prompt_dim, heads, bias, fractions=fractions, mix_init=mix_init)
         if dim < prompt_dim:
             self.reduce_channel = nn.Conv2d(prompt_dim, dim, kernel_size=1, bias=False)
         self.norm2 = LayerNorm2d(dim)

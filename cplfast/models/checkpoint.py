@@ -13,6 +13,8 @@ from typing import Mapping
 
 import torch
 
+from .pip_official import is_official_pip, official_pip_to_cplfast
+
 TORCH_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "params")
@@ -77,7 +79,7 @@ def unwrap_state_dict(obj: Mapping, *, prefixes: tuple[str, ...] = _PREFIXES) ->
 
 OFFICIAL_UNUSED_LAYERS = ("chnl_reduce1", "chnl_reduce2", "chnl_reduce3",
                           "reduce_noise_channel_1", "reduce_noise_channel_2", "reduce_noise_channel_3")
-# BasicSR-style files (e.g. CPLIR) hold "params" and often "params_ema"; the EMA weights are preferred.
+# BasicSR-style files (CPLIR, PIP) hold "params" and often "params_ema"; the EMA weights are preferred.
 _PARAM_ENTRIES = ("params_ema", "params")
 
 # Official checkpoint formats PromptIR.from_official recognises, in detection order:
@@ -93,6 +95,14 @@ OFFICIAL_FORMATS: dict[str, dict] = {
         and not any(k.split(".")[0] in OFFICIAL_UNUSED_LAYERS for k in state),
         "prompt": "cpl", "prompts": ("cpl", "promptir"), "overrides": {"official_unused_layers": False},
     },
+    # longzilicart/pip_universal's PIPNet_Restormer_onskip_inter (612 keys); "convert" renames its keys
+    # to cplfast's (cplfast.models.pip_official). No router in the file: the model needs labels/routing.
+    "pip": {
+        "detect": is_official_pip,
+        "convert": lambda state: official_pip_to_cplfast(state)[0],
+        "prompt": "pip", "prompts": ("pip",),
+        "overrides": {"official_unused_layers": True, "pip_router": False},
+    },
 }
 
 
@@ -100,7 +110,9 @@ def detect_official_format(state: Mapping[str, torch.Tensor]) -> str | None:
     """The name in :data:`OFFICIAL_FORMATS` of the first format whose key test ``state`` passes, or None.
 
     ``"promptir"``: PromptGenBlock prompts and the six unused 1x1 convolutions (548 keys);
-    ``"cplir"``: the prompts without any of those convolutions (542 keys).
+    ``"cplir"``: the prompts without any of those convolutions (542 keys);
+    ``"pip"``: official PIP (``chnl_reduce3``, ``prompt{i}.detask_prompt_param``,
+    ``low_prompt_interaction_level{i}``; 612 keys).
     """
     for name, spec in OFFICIAL_FORMATS.items():
         if spec["detect"](state):

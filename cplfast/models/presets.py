@@ -37,7 +37,11 @@ class PromptIRConfig:
     num_degradations: int = 5
     prompt_tokens: int = 4
     embed_dim: int = 64
+    # PIP: heads of the prompt-to-prompt block (the official LGM: 2); the selective prompt-to-feature
+    # interaction uses heads[2], as officially. pip_router: cplfast's blind router (False = the official
+    # network, which needs the degradation labels at test time too).
     pip_heads: int = 2
+    pip_router: bool = True
     # DPPD's open choices (no public code; see cplfast.layers.dppd): the paper-closest readings by default
     dppd_prototypes: str = "predefined"  # or "learnable"
     dppd_sampling: str = "assigned"  # or "mixture"
@@ -69,6 +73,8 @@ class PromptIRConfig:
         positive_ints("prompt_tokens", self.prompt_tokens)
         positive_ints("embed_dim", self.embed_dim)
         positive_ints("pip_heads", self.pip_heads)
+        if not isinstance(self.pip_router, bool):
+            raise ValueError(f"pip_router must be a bool, got {self.pip_router!r}")
         if self.dppd_prototypes not in ("predefined", "learnable"):
             raise ValueError(f"dppd_prototypes must be 'predefined' or 'learnable', got {self.dppd_prototypes!r}")
         if self.dppd_sampling not in ("assigned", "mixture"):

@@ -21,9 +21,15 @@ What the slots and skips do per ``prompt`` variant:
 * ``"cpl"`` — the same with :class:`cplfast.SparsePromptModule` (top-k routing, same keys). With
   ``num_negatives=K`` it also restores K negatives with mismatched routing for CPR: the encoder runs
   once and only the decoder, from slot 3 on, re-runs, batched over the K negatives.
-* ``"pip"`` — no prompt in the slots; each skip i passes through ``prompt{i}``
-  (:class:`cplfast.layers.PromptInPrompt`, universal prompt) and ``interaction{i}``
-  (:class:`cplfast.layers.SelectivePromptFeatureInteraction`). Blind at test time.
+* ``"pip"`` — the official PIP network (pip_universal's ``PIPNet_Restormer_onskip_inter``): no
+  ``noise_level`` blocks; slot 3 is a 1x1 ``chnl_reduce3`` (8d -> 4d), slots 2 and 1 pass the feature
+  through; each encoder skip i passes through ``prompt{i}`` (:class:`cplfast.layers.PromptInPrompt`,
+  universal prompt, degradation prompt = mean over T, prompt-to-prompt heads ``pip_heads`` = 2) and
+  ``interaction{i}`` (:class:`cplfast.layers.SelectivePromptFeatureInteraction`, ``heads[2]`` heads, mix
+  init 0.2). ``preset="base"`` uses prompt widths (64, 128, 256) as officially (27,429,510 parameters
+  with ``official_unused_layers=True, pip_router=False``). cplfast adds a blind router per prompt
+  (``pip_router=True``, default) in place of the official external degradation classifier, so the model
+  runs without labels at test time; ``pip_router=False`` needs labels (or ``routing=``) always.
 * ``"dppd"`` — ``assignment`` (:class:`cplfast.layers.DegradationPrototypeAssignment`) on the latent
   gives a degradation assignment ``(B,T)``; slot i draws prompt tokens from ``prompt{i}``
   (:class:`cplfast.layers.PromptDistribution`) and fuses them with ``fusion{i}``
@@ -65,12 +71,15 @@ from .presets import make_config
 from .restormer import Downsample, OverlapPatchEmbed, TransformerBlock, Upsample, transformer_stage
 
 PROMPT_VARIANTS = ("promptir", "cpl", "pip", "dppd", "none")
+PIP_BASE_PROMPT_DIMS = (64, 128, 256)  # official PIP's low_prompt_dims (PromptIR's third is 320)
 
 # cpl's "load_balance" and dppd's terms are off (0) by default: none is in the papers' losses (see
 # docs/fidelity.md); a positive weight turns the term on.
+# pip: the official trainer adds 0.002 x (0.01 x sum_{i<j} relu(cos)) per prompt, an effective 2e-5 on
+# cplfast's orthogonality term; router_ce trains cplfast's blind router (no official counterpart).
 DEFAULT_LOSS_WEIGHTS = {
-    "pip": {"orthogonality": 0.01, "router_ce": 0.1},
     "cpl": {"load_balance": 0.0},
+    "pip": {"orthogonality": 2e-5, "router_ce": 0.1},
     "dppd": {"assignment_ce": 0.0, "kl": 0.0},
 }
 
@@ -117,6 +126,8 @@ class PromptIR(nn.Module):
             raise ValueError(f"prompt must be one of {PROMPT_VARIANTS}, got {prompt!r}")
         if "official_unused_layers" not in overrides and prompt not in ("promptir", "cpl"):
             overrides["official_unused_layers"] = False
+        if prompt == "pip" and preset == "base" and "prompt_dims" not in overrides:
+            overrides["prompt_dims"] = PIP_BASE_PROMPT_DIMS
         self._init_args = {"prompt": prompt, "preset": preset, "top_k": top_k, **overrides}
         config = make_config(preset, **overrides)
         self.prompt_type = prompt
@@ -152,19 +163,24 @@ class PromptIR(nn.Module):
         p1, p2, p3 = slot_prompt_dims
         self.up4_3 = Upsample(d3)
         self.reduce_chan_level3 = nn.Conv2d(d2 + d3, d3, kernel_size=1, bias=c.bias)
-        self.noise_level3 = TransformerBlock(d4 + p3, c.heads[2], **block)
-        self.reduce_noise_level3 = nn.Conv2d(d4 + p3, d3, kernel_size=1, bias=c.bias)
+        if prompt == "pip":  # official PIP: a 1x1 conv on the latent instead of the noise_level slots
+            self.chnl_reduce3 = nn.Conv2d(d4, d3, kernel_size=1, bias=c.bias)
+        else:
+            self.noise_level3 = TransformerBlock(d4 + p3, c.heads[2], **block)
+            self.reduce_noise_level3 = nn.Conv2d(d4 + p3, d3, kernel_size=1, bias=c.bias)
         self.decoder_level3 = transformer_stage(c.num_blocks[2], d3, c.heads[2], **block)
 
         self.up3_2 = Upsample(d3)
         self.reduce_chan_level2 = nn.Conv2d(d3, d2, kernel_size=1, bias=c.bias)
-        self.noise_level2 = TransformerBlock(d3 + p2, c.heads[2], **block)
-        self.reduce_noise_level2 = nn.Conv2d(d3 + p2, d3, kernel_size=1, bias=c.bias)
+        if prompt != "pip":
+            self.noise_level2 = TransformerBlock(d3 + p2, c.heads[2], **block)
+            self.reduce_noise_level2 = nn.Conv2d(d3 + p2, d3, kernel_size=1, bias=c.bias)
         self.decoder_level2 = transformer_stage(c.num_blocks[1], d2, c.heads[1], **block)
 
         self.up2_1 = Upsample(d2)
-        self.noise_level1 = TransformerBlock(d2 + p1, c.heads[2], **block)
-        self.reduce_noise_level1 = nn.Conv2d(d2 + p1, d2, kernel_size=1, bias=c.bias)
+        if prompt != "pip":
+            self.noise_level1 = TransformerBlock(d2 + p1, c.heads[2], **block)
+            self.reduce_noise_level1 = nn.Conv2d(d2 + p1, d2, kernel_size=1, bias=c.bias)
         self.decoder_level1 = transformer_stage(c.num_blocks[0], d2, c.heads[0], **block)
 
         self.refinement = transformer_stage(c.num_refinement_blocks, d2, c.heads[0], **block)
@@ -200,6 +216,8 @@ class PromptIR(nn.Module):
             "reduce_noise_channel_1": (d + 64, d), "reduce_noise_channel_2": (2 * d + 128, 2 * d),
             "reduce_noise_channel_3": (4 * d + 256, 4 * d),
         }
+        if self.prompt_type == "pip":  # official PIP: only the reduce_noise_channel_* (chnl_reduce3 is used)
+            shapes = {k: v for k, v in shapes.items() if k.startswith("reduce_noise_channel")}
         for name, (cin, cout) in shapes.items():
             conv = nn.Conv2d(cin, cout, kernel_size=1, bias=self.config.bias)
             conv.requires_grad_(False)
@@ -218,8 +236,11 @@ class PromptIR(nn.Module):
                 )
             setattr(self, f"prompt{level}", PromptInPrompt(
                 width, prompt_dim, c.prompt_sizes[level - 1], num_degradations=c.num_degradations, heads=c.pip_heads,
+                ffn_expansion_factor=c.ffn_expansion_factor, bias=c.bias, router=c.pip_router,
             ))
-            setattr(self, f"interaction{level}", SelectivePromptFeatureInteraction(width, prompt_dim, c.pip_heads))
+            setattr(self, f"interaction{level}", SelectivePromptFeatureInteraction(
+                width, prompt_dim, c.heads[2], ffn_expansion_factor=c.ffn_expansion_factor, bias=c.bias,
+            ))
 
     def _build_dppd(self) -> None:
         from ..layers.dppd import DegradationPrototypeAssignment, PromptCrossFusion, PromptDistribution
@@ -280,6 +301,11 @@ class PromptIR(nn.Module):
         * ``"cplir"`` — the CPL authors' CPLIR (Aitical/CPLIR): the same network without those six
           convolutions, 542 keys; ``prompt`` ``"cpl"`` (default) or ``"promptir"``. The model is built
           with ``official_unused_layers=False``.
+        * ``"pip"`` — official PIP (longzilicart/pip_universal, ``PIPNet_Restormer_onskip_inter``), 612
+          keys, renamed by :func:`cplfast.models.pip_official.official_pip_to_cplfast` (603 cplfast keys,
+          none dropped); ``prompt`` ``"pip"``. Built with ``official_unused_layers=True,
+          pip_router=False``: the file has no router, so pass ``labels=`` or ``routing=`` as the
+          official code does.
 
         ``key``: which entry of a BasicSR-style file to load (``"params"`` or ``"params_ema"``); by
         default ``params_ema`` when the file holds it, else ``params``, else the file's only state_dict.
@@ -296,9 +322,11 @@ class PromptIR(nn.Module):
         if fmt is None:
             raise ValueError(
                 f"source is not an official checkpoint: {len(state)} keys match none of the formats "
-                f"{tuple(OFFICIAL_FORMATS)} (e.g. official PromptIR has 548 keys, CPLIR 542)"
+                f"{tuple(OFFICIAL_FORMATS)} (e.g. official PromptIR has 548 keys, CPLIR 542, PIP 612)"
             )
         spec = OFFICIAL_FORMATS[fmt]
+        if "convert" in spec:
+            state = spec["convert"](state)
         prompt = spec["prompt"] if prompt is None else prompt
         if prompt not in spec["prompts"]:
             raise ValueError(f"prompt must be one of {spec['prompts']} for a {fmt} checkpoint, got {prompt!r}")
@@ -406,6 +434,8 @@ class PromptIR(nn.Module):
         return self.refinement(self.decoder_level1(feature))
 
     def _slot(self, level: int, feature: torch.Tensor, state: _Pass) -> torch.Tensor:
+        if self.prompt_type == "pip":
+            return self.chnl_reduce3(feature) if level == 3 else feature
         if self.prompt_type in ("promptir", "cpl"):
             feature = torch.cat([feature, self._prompt_map(level, feature, state)], dim=1)
         elif self.prompt_type == "dppd":
