@@ -116,7 +116,7 @@ def test_pip_official_checkpoint_file_reproduces_official_forward(official_pip, 
     path = tmp_path / "pip.pth"
     torch.save({"params": state}, path)
     model = PromptIR.from_official(path).eval()
-    assert model.prompt_type == "pip" and model.official_source["format"] == "pip"
+    assert model.prompt_type == "pip" and model.official_source == {"format": "pip", "keys": 612, "entry": "params"}
     assert model.prompt1.router is None  # the official network has no router: labels are needed
     torch.manual_seed(0)
     x, labels = torch.rand(2, 3, 16, 24), torch.tensor([4, 1])

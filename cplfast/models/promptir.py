@@ -325,6 +325,7 @@ class PromptIR(nn.Module):
                 f"{tuple(OFFICIAL_FORMATS)} (e.g. official PromptIR has 548 keys, CPLIR 542, PIP 612)"
             )
         spec = OFFICIAL_FORMATS[fmt]
+        file_keys = len(state)  # the file's count (a PIP file's 612 become 603 when renamed)
         if "convert" in spec:
             state = spec["convert"](state)
         prompt = spec["prompt"] if prompt is None else prompt
@@ -343,9 +344,9 @@ class PromptIR(nn.Module):
             if tuple(value.shape) != tuple(want):
                 raise ValueError(f"source[{name!r}] has shape {tuple(value.shape)}, expected {tuple(want)}")
         model.load_state_dict(state, strict=True)
-        model.official_source = {"format": fmt, "keys": len(state), "entry": entry}
+        model.official_source = {"format": fmt, "keys": file_keys, "entry": entry}
         logging.getLogger("cplfast.models").info(
-            "loaded an official %s checkpoint (%d keys%s) as PromptIR(prompt=%r)", fmt, len(state),
+            "loaded an official %s checkpoint (%d keys%s) as PromptIR(prompt=%r)", fmt, file_keys,
             f", entry {entry!r}" if entry else "", prompt)
         return model
 
