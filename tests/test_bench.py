@@ -211,8 +211,10 @@ def test_spec_shapes_follow_the_model_presets():
     assert [s.lin_dim for s in shapes.PROMPT_SLOTS] == list(widths[1:])
     assert [w for _, _, w, _ in shapes.LEVELS] == list(widths)
     assert [h for _, _, _, h in shapes.LEVELS] == list(base.heads)
-    assert [w for _, _, w, _ in shapes.PIP_INTERACTIONS] == list(base.prompt_dims)
-    assert {h for _, _, _, h in shapes.PIP_INTERACTIONS} == {base.pip_heads}
+    from cplfast.models.promptir import PIP_BASE_PROMPT_DIMS
+
+    assert [w for _, _, w, _ in shapes.PIP_INTERACTIONS] == list(PIP_BASE_PROMPT_DIMS)
+    assert {h for _, _, _, h in shapes.PIP_INTERACTIONS} == {base.heads[2]}
     assert [w for _, _, w, _ in shapes.DPPD_FUSIONS] == list(widths[1:])
     assert {h for _, _, _, h in shapes.DPPD_FUSIONS} == {base.heads[2]}
     assert shapes.DPPD_TOKENS == base.prompt_tokens

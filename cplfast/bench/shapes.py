@@ -13,8 +13,9 @@ prompt2    H/4         192       128          5            32
 prompt3    H/8         384       320          5            16
 =========  ==========  ========  ===========  ===========  ================
 
-This project's PIP variant runs ``topm_channel_attention`` on the encoder skips of levels 1-3 at the
-prompt width (``prompt_dims``, 2 heads: ``c = 32 / 64 / 160``); its DPPD variant runs
+This project's PIP variant (the official pip_universal network) runs ``topm_channel_attention`` on the
+encoder skips of levels 1-3 at the prompt widths (64, 128, 256) with ``heads[2] = 4`` heads
+(``c = 16 / 32 / 64``); its DPPD variant runs
 ``prompt_token_attention`` at the three slots (widths 96 / 192 / 384, ``heads[2] = 4`` heads, so
 ``d = 24 / 48 / 96``) over ``prompt_tokens = 4`` tokens. Training patches are 128x128 with batch 8;
 inference is one 512x512 image.
@@ -57,11 +58,12 @@ LEVELS = (
 )
 REFINEMENT = ("refinement", 1, 96, 1)
 
-# PIP's selective prompt-feature interaction: (name, downscale, prompt width, heads) on skips 1-3.
+# PIP's selective prompt-feature interaction (the official pip_universal network): (name, downscale,
+# prompt width, heads) on skips 1-3; widths (64, 128, 256), heads[2] = 4 heads, so c = 16 / 32 / 64.
 PIP_INTERACTIONS = (
-    ("pip1", 1, 64, 2),
-    ("pip2", 2, 128, 2),
-    ("pip3", 4, 320, 2),
+    ("pip1", 1, 64, 4),
+    ("pip2", 2, 128, 4),
+    ("pip3", 4, 256, 4),
 )
 
 # DPPD's CrossFusion at the three slots: (name, downscale, width, heads); M prompt tokens.

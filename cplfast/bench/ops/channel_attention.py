@@ -1,8 +1,8 @@
 """Benchmark definition of ``topm_channel_attention`` (SPEC §3.2).
 
-Training (``B=8``, 128x128): PIP's selective prompt-feature interaction on skips 1-3 (prompt widths
-64/128/320, 2 heads, so ``c = 32/64/160`` over ``L = 128², 64², 32²``, four top-m fractions with a
-learnable mix), and Restormer's MDTA (``fractions=None``) at level 1 (``c=48``) and in the refinement
+Training (``B=8``, 128x128): PIP's selective prompt-feature interaction on skips 1-3 (the official
+network's prompt widths 64/128/256, 4 heads, so ``c = 16/32/64`` over ``L = 128², 64², 32²``, four
+top-m fractions with a learnable mix), and Restormer's MDTA (``fractions=None``) at level 1 (``c=48``) and in the refinement
 blocks (``c=96``). Inference: the PIP shapes of one 512x512 image. Sweep: ``pip2`` over feature sides.
 """
 
