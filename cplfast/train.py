@@ -346,7 +346,15 @@ def schedule_progress(step: int, elapsed: float, config: TrainConfig) -> float:
 def make_train_dataset(config: TrainConfig) -> Dataset:
     if config.data is None:
         return embedded_train_dataset(config.tasks, patch=config.patch, seed=config.seed)
-    return folder_dataset(config.data, patch=config.patch, seed=config.seed, tasks=config.tasks)
+    from .data.datasets import validate_dataset
+
+    dataset = folder_dataset(config.data, patch=config.patch, seed=config.seed, tasks=config.tasks)
+    # every file decoded once now, not when a step first draws it; bad ones reported and skipped
+    dataset.skipped = validate_dataset(dataset)
+    if dataset.skipped and world()[0] == 0:
+        for path, reason in dataset.skipped:
+            print(f"skipping {path}: {reason}", file=__import__("sys").stderr, flush=True)
+    return dataset
 
 
 @dataclass
@@ -710,19 +718,26 @@ class Trainer:
         cfg = self.config
         stop = min(cfg.steps, until) if until is not None else cfg.steps
         self.model.train()
+        if self.is_main:
+            ckpt.remove_stale_temp_files(self.out_dir)  # left by saves of a killed process
         if self._log_source is not None:
             self._carry_log(self._log_source)
             self._log_source = None
+        elif self.step == 0 and self.is_main and self.log_path.exists():
+            self.log_path.unlink()  # a fresh run starts its own log, never another (killed) run's
         # Creating the loader's iterator draws its base seed from torch's default generator; fork it so a
         # resumed run's generator (restored from the checkpoint) continues exactly where the saved one was.
         with torch.random.fork_rng(devices=[]):
             batches = iter(self._batches(stop)) if stop > self.step else iter(())
-
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="it", dynamic_ncols=True, leave=True)
+            if cfg.time_budget:  # the step count depends on speed: show the schedule in percent
+                bar = tqdm(total=100, initial=0, desc="train", unit="%", dynamic_ncols=True, leave=True,
+                           bar_format="{l_bar}{bar}| {n:.0f}/{total}% [{elapsed}<{remaining}{postfix}]")
+            else:
+                bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="it", dynamic_ncols=True, leave=True)
         start = time.perf_counter()
         base_elapsed = self.elapsed
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -751,12 +766,13 @@ class Trainer:
                 self.last_loss = loss
                 self.elapsed = base_elapsed + time.perf_counter() - start
                 if bar is not None:
-                    if cfg.time_budget:  # show the step count the budget will allow
-                        p = self._progress(self.step, self.elapsed)
-                        bar.total = max(self.step + 1, min(cfg.steps, round(self.step / max(p, 1e-9))))
-                    bar.set_postfix({"loss": f"{self.last_loss:.4f}", **{k: f"{v:.4f}" for k, v in parts.items()},
-                                     "lr": f"{lr:.2e}"}, refresh=False)
-                    bar.update(1)
+                    step_info = {"step": self.step} if cfg.time_budget else {}
+                    bar.set_postfix({**step_info, "loss": f"{self.last_loss:.4f}",
+                                     **{k: f"{v:.4f}" for k, v in parts.items()}, "lr": f"{lr:.2e}"}, refresh=False)
+                    if cfg.time_budget:
+                        bar.update(min(100.0, 100.0 * self._progress(self.step, self.elapsed)) - bar.n)
+                    else:
+                        bar.update(1)
                 if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == stop):
                     now = time.perf_counter()
                     health = self._routing_health()
@@ -766,11 +782,13 @@ class Trainer:
                     logged_step, logged_time = self.step, now
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < stop:
                     self.save()
+        except KeyboardInterrupt as interrupt:
+            if self.world_size == 1 and self.step > 0:  # under DDP the save would be a collective
+                self.save()  # --resume continues from this step, not from the last --save-every
+                interrupt.cplfast_checkpoint = (self.step, self.out_dir)
+            raise
         finally:
             if bar is not None:
-                if cfg.time_budget:
-                    bar.total = self.step
-                    bar.refresh()
                 bar.close()
         model_path = self.save()
         return TrainResult(self.out_dir, model_path, self.step, self.elapsed, self.last_loss, stopped_early)
@@ -789,10 +807,10 @@ def inference_model(path: str | os.PathLike, device: torch.device | str = "cpu")
             model = PromptIR.from_official(path)
         except (RuntimeError, ValueError, TypeError) as err:
             raise ckpt.CheckpointError(str(err).splitlines()[0]) from None
+        ckpt.check_finite(model.state_dict(), path)
         overrides = {} if model.config.official_unused_layers else {"official_unused_layers": False}
         config = {"model": {"prompt": model.prompt_type, "preset": "base", "top_k": 1, "overrides": overrides},
                   "tasks": [], "official_source": getattr(model, "official_source", None)}
-
         return model.to(device).eval(), config
     state, config = ckpt.load_model_file(path)
     if not isinstance(config.get("model"), dict):
@@ -801,10 +819,7 @@ def inference_model(path: str | os.PathLike, device: torch.device | str = "cpu")
         model = build_model(config["model"])
     except (TypeError, ValueError) as err:
         raise ckpt.CheckpointError(f"{path}: cannot build its model ({err})") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ckpt.CheckpointError(f"{path}: weights do not fit the model ({str(err).splitlines()[0][:120]})") from None
+    ckpt.load_weights(model, state, path)
     return model.to(device).eval(), config
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..checkpoint import STATE_FILE
 from ..cli import CommandError
-from ._common import add_device_arguments, positive_int, setup_device, tasks_argument
+from ._common import add_device_arguments, positive_int, setup_device, tasks_argument, writable_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,6 +129,7 @@ def _train(args: argparse.Namespace) -> int:
                                f"(got --{explicit[0].replace('_', '-')})")
         if args.out:
             on_rank0(_check_free_run_folder, Path(args.out), continuing=train_state_path(args.resume).parent)
+        on_rank0(writable_folder, Path(args.out) if args.out else train_state_path(args.resume).parent, "--out")
         trainer = Trainer.resume(args.resume, out_dir=args.out, progress=not args.quiet,
                                  **{name: getattr(args, flag) for flag, name in changeable.items()})
         cfg = trainer.config
@@ -148,6 +149,7 @@ def _train(args: argparse.Namespace) -> int:
                                      device=args.device)
         out = Path(args.out or f"runs/{config.prompt}-{config.preset}")
         on_rank0(_check_free_run_folder, out)
+        on_rank0(writable_folder, out, "--out")  # before training, not at the first save
         trainer = Trainer(config, out, progress=not args.quiet)
         processes = f" x {world_size} processes" if world_size > 1 else ""
         say(f"training {config.prompt}/{config.preset} on {', '.join(trainer.tasks)} "
@@ -158,4 +160,7 @@ def _train(args: argparse.Namespace) -> int:
     trainer.save(extra_config=extra)
     say(f"done: {result.steps} steps in {result.seconds:.0f} s, last loss {result.last_loss:.4f}; "
         f"model: {result.model_path}")
-    return 0
+    skipped = getattr(trainer.dataset, "skipped", None) or []
+    if skipped:
+        say(f"skipped {len(skipped)} unreadable training image(s): " + "; ".join(f"{p.name}: {r}" for p, r in skipped[:5]))
+    return 1 if skipped else 0
