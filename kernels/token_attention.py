@@ -25,7 +25,7 @@ fp32 partials ``(2, splits, B*h, M, d)``; a second kernel sums the partials of e
 order and casts: deterministic, unlike fp32 atomics, and cheap, as a partial is only ``M x d`` against
 the ``>= 4M x d`` tiles that produced it. The split count comes from the SM count (:func:`default_splits`).
 
-With ``"ieee"`` dots (fp32 FMA, PyTorch's default "highest" precision) and M > 16, ``dq = dS @ k`` is left
+Beyond M <= 16 and d <= 64, ``dq = dS @ k`` is left
 to a third kernel laid out as the forward (see :func:`backward_plan`): Triton's FMA dot keeps each
 thread's operand rows and columns over the whole reduction (here all M tokens) in registers, which next
 to the dk/dv accumulators would spill.
@@ -33,7 +33,7 @@ to the dk/dv accumulators would spill.
 Every ``tl.dot`` takes ``input_precision`` from :func:`cplfast.kernels._device.dot_precision`; offsets
 are 64-bit wherever a product with a stride can pass 2^31 (pixel index, batch, head, partial index).
 
-Launches: forward 1; backward 2 (dk/dv pass with dq, partial sum), or 3 (+ dq kernel) for ieee, M > 16.
+Launches: forward 1; backward 2 (dk/dv pass with dq, partial sum), or 3 (+ dq kernel) beyond M <= 16, d <= 64.
 """
 
 from __future__ import annotations
@@ -356,18 +356,21 @@ def backward_plan(length: int, bh: int, m: int, d: int, dtype: torch.dtype, prec
                   cuda: bool = True) -> Plan:
     """Backward launch settings; ``sms``: streaming multiprocessors (:func:`sm_count`) for the split count.
 
-    With ``"ieee"`` dots and M > 16, ``dq = dS @ k`` (a reduction over M) would need more registers next
-    to the dk/dv accumulators than a thread has, so dq gets its own kernel (``Plan.dq``), which
-    recomputes P and dS per pixel block as the forward does."""
+    Beyond M <= 16 with d <= 64 (and always for tf32x3's three products), ``dq = dS @ k`` (a reduction
+    over M) would need more registers next to the dk/dv accumulators than a thread has (the compile
+    audit showed spills), so dq gets its own kernel (``Plan.dq``), which recomputes P and dS per pixel
+    block as the forward does."""
     block_m = _block_m(m)
     d_chunk, n_chunks = _chunking(d, widest=32)
+    fused = block_m <= 16 and d_chunk * n_chunks <= 64 and precision != "tf32x3"
     if not cuda:
         block_l, num_warps, dq = 16, 4, None
     elif precision == "ieee":
         block_l, num_warps = 16, 8
-        dq = None if block_m <= 16 else Plan(16, block_m, 16, -(-d // 16), 8, precision)
+        dq = None if fused else Plan(16, block_m, 16, -(-d // 16), 8, precision)
     else:
-        block_l, num_warps, dq = 32, 4, None
+        block_l, num_warps = 32, 4
+        dq = None if fused else forward_plan(m, d, dtype, precision, cuda=True)
     return Plan(block_l, block_m, d_chunk, n_chunks, num_warps, precision,
                 default_splits(length, bh, m, block_l, sms), dq=dq)
 
