@@ -369,7 +369,7 @@ def backward_plan(length: int, bh: int, m: int, d: int, dtype: torch.dtype, prec
         block_l, num_warps = 16, 8
         dq = None if fused else Plan(16, block_m, 16, -(-d // 16), 8, precision)
     else:
-        block_l, num_warps = 32, 4
+        block_l, num_warps = (16, 8) if precision == "tf32x3" else (32, 4)
         dq = None if fused else forward_plan(m, d, dtype, precision, cuda=True)
     return Plan(block_l, block_m, d_chunk, n_chunks, num_warps, precision,
                 default_splits(length, bh, m, block_l, sms), dq=dq)
