@@ -753,3 +753,20 @@ def test_compile_fullgraph_sparse_prompt_module(ops, kernels, monkeypatch):
     torch.testing.assert_close(out, expected)
     for grad, param in zip(grads, module.parameters()):
         torch.testing.assert_close(grad, param.grad)
+
+
+@pytest.mark.parametrize("k,renorm,temperature", [(2, False, 1.0), (3, True, 0.5)], ids=["k2", "k3-renorm-t0.5"])
+def test_kernel_large_logits_are_exact(kernels, k, renorm, temperature):
+    """Logits / temperature from -100 to 100.5: the router softmax must subtract the row maximum (exp alone
+    overflows fp32 above 88.7). x = 0 makes the logits exactly the bias, and the temperatures are powers of
+    two, so z = logits / temperature is exact in fp32 and the kernel must match float64 element-wise."""
+    device = _target_or_skip()
+    b, c, h, w, n, d, s = 2, 5, 4, 3, 5, 3, 4
+    x = torch.zeros(b, c, h, w)
+    weight = torch.randn(n, c)
+    bias = torch.tensor([100.0, 100.5, 99.0, 0.0, -100.0]) * temperature
+    prompts = torch.randn(n, d, s, s)
+    x, weight, bias, prompts = (t.to(device) for t in (x, weight, bias, prompts))
+    kernel, reference = run_both(x, weight, bias, prompts, k=k, renorm=renorm, temperature=temperature)
+    assert_matches(kernel, reference, torch.float32)
+    assert reference["routing"][0, 1] > 0.5 and reference["grad_bias"].abs().max() > 0.01
