@@ -101,7 +101,7 @@ def test_restore_file_and_folder(run_dir, pairs, tmp_path, capsys):
     assert load_image(tmp_path / "one.png").shape == load_image(src).shape
     assert "prompt3: #" in out and "closest degradation:" in out
     code, out, _ = _run(capsys, "restore", pairs / "input", "-o", tmp_path / "many", "--checkpoint",
-                        run_dir / "model.safetensors", "--tile", "16", "--overlap", "4", "--threads", "1")
+                        run_dir / "model.safetensors", "--tile", "16", "--tile-mode", "blend", "--overlap", "4", "--threads", "1")
     assert code == 0 and len([line for line in out.splitlines() if " -> " in line]) == 2
     assert "restored 2 of 2 image(s)" in out
     assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["im0.png", "im1.png"]

@@ -418,17 +418,17 @@ def test_tiled_restore_agrees_with_whole_image():
     model = PromptIR("promptir", "tiny").train()  # restore switches to eval and back
     image = F.avg_pool2d(torch.rand(1, 3, 104, 136), 5, 1, 2)
     whole, routing = model.restore(image)
-    tiled, tiled_routing = model.restore(image, tile=64, overlap=24)
+    tiled, tiled_routing = model.restore(image, tile=64, overlap=24, tile_mode="blend")
     assert model.training
     assert tiled.shape == image.shape
     assert _psnr(tiled, whole) >= 40.0
     for key, value in routing.items():
         torch.testing.assert_close(tiled_routing[key], value)
-    downscaled, small_routing = model.restore(image, tile=64, overlap=24, routing_size=64)
+    downscaled, small_routing = model.restore(image, tile=64, overlap=24, routing_size=64, tile_mode="blend")
     assert _psnr(downscaled, whole) >= 35.0
     for key, value in routing.items():  # routing from the downscaled image is close to the whole image's
         assert (small_routing[key] - value).abs().max() < 0.05
-    single, _ = model.restore(image, tile=256, routing=routing)  # one tile covering everything == whole
+    single, _ = model.restore(image, tile=256, routing=routing, tile_mode="blend")  # one tile covering everything == whole
     torch.testing.assert_close(single, whole, rtol=1e-5, atol=1e-5)
 
 

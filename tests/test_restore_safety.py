@@ -395,8 +395,10 @@ def test_progress_bar_counts_tiles_and_blocks(ckpt, monkeypatch):
 
     monkeypatch.setattr(inference, "_progress_bar", Bar)
     model, _ = inference_model(ckpt)
-    inference.restore(model, torch.rand(3, 40, 40), tile=16, overlap=4, progress=True)
+    inference.restore(model, torch.rand(3, 40, 40), tile=16, overlap=4, tile_mode="blend", progress=True)
     assert bars[-1].total == 9 and bars[-1].n == 9 and bars[-1].closed  # 3 x 3 tiles
+    inference.restore(model, torch.rand(3, 40, 40), tile=16, progress=True)  # exact: 5 bands per sweep
+    assert bars[-1].n == bars[-1].total and bars[-1].total % 5 == 0 and bars[-1].total > 9 and bars[-1].closed
     inference.restore(model, torch.rand(3, 24, 24), progress=True)
     assert bars[-1].n > 3 and bars[-1].n <= bars[-1].total and bars[-1].closed
     assert not any(h for m in model.children() for h in m._forward_hooks.values())  # hooks removed

@@ -14,8 +14,14 @@ model loads; a bad input is reported and skipped; a summary ends the run and the
 any image was skipped. For every image it prints which prompt each prompt module selected (its routing
 weight) and, when the checkpoint records the mean routing of its training degradations, the closest one.
 
-Options: ``--tile`` (memory-bounded tiled restore), ``--fp16`` (CUDA), ``--tta`` (mean over the 8
-flips/rotations), ``--task`` (force the routing of one degradation where the variant has routing).
+Large images: ``--max-memory 4GB`` restores within a memory budget (the whole image at once when it
+fits, else exactly in chunks of the largest size that fits); ``--tile N`` restores exactly in chunks of
+about N x N pixels; both give the whole-image result (up to float rounding). ``--tile N --tile-mode
+blend`` is the approximate independent-tile restore (blended over ``--overlap`` pixels). The peak
+memory of each restore is printed.
+
+Options: ``--fp16`` (CUDA), ``--tta`` (mean over the 8 flips/rotations), ``--task`` (force the routing
+of one degradation where the variant has routing).
 """
 
 from __future__ import annotations
@@ -38,8 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output file (for one image) or folder (for a folder, or an existing folder)")
     parser.add_argument("--checkpoint", required=True, help="model.safetensors, its run folder, or an official PromptIR .ckpt/.pth")
     parser.add_argument("--tile", type=int, default=None,
-                        help="restore in tiles of this size (a multiple of 8): bounded memory, for large images")
-    parser.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default: 32)")
+                        help="restore exactly in chunks of about N x N pixels (a multiple of 8): bounded memory, "
+                             "the whole-image result")
+    parser.add_argument("--max-memory", default=None, metavar="SIZE",
+                        help="memory budget, e.g. 4GB or 3.5GiB: the whole image at once if it fits, else exact "
+                             "chunks of the largest size that fits")
+    parser.add_argument("--tile-mode", choices=("exact", "blend"), default="exact",
+                        help="exact (default): chunks give the whole-image result; blend: independent tiles "
+                             "blended over --overlap pixels (approximate, needs --tile)")
+    parser.add_argument("--overlap", type=int, default=None,
+                        help="blended tile overlap in pixels (default: 32; --tile-mode blend only)")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow outputs that replace their input files (default: refused)")
     parser.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist alone")
@@ -79,6 +93,21 @@ def describe_routing(routing: dict, config: dict, index: int = 0) -> str:
         if near is not None:
             text += f"; closest degradation: {near[0]}"
     return text
+
+
+def describe_memory(stats: dict) -> str:
+    """``peak 1.23 GiB (exact, 12 chunks of 64 rows)`` from :func:`cplfast.models.inference.restore`'s stats."""
+    from ..models.inference import format_bytes
+
+    mode = stats.get("mode", "?")
+    if mode == "exact":
+        mode = f"exact, {stats['chunks']} chunks of {stats['chunk_rows']} rows"
+    elif mode == "blend":
+        mode = "blended tiles, approximate"
+    else:
+        mode = "whole image"
+    peak = stats.get("peak_bytes")
+    return f"peak {format_bytes(peak)} ({mode})" if peak is not None else f"({mode})"
 
 
 @dataclass
@@ -204,13 +233,25 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..data.io import read_image, write_image
-    from ..models.inference import NotEnoughMemoryError, restore, restore_tta
+    from ..models.inference import NotEnoughMemoryError, parse_memory, restore, restore_tta
     from ..train import inference_model
 
     if args.tile is not None and (args.tile < 8 or args.tile % 8):
         raise CommandError(f"--tile must be a positive multiple of 8, got {args.tile}")
-    if args.overlap < 0 or (args.tile is not None and args.overlap >= args.tile):
-        raise CommandError(f"--overlap must be in [0, tile), got {args.overlap}")
+    if args.overlap is not None and args.tile_mode != "blend":
+        raise CommandError("--overlap applies to --tile-mode blend only (exact chunks need no overlap)")
+    overlap = 32 if args.overlap is None else args.overlap
+    if args.tile_mode == "blend" and (overlap < 0 or (args.tile is not None and overlap >= args.tile)):
+        raise CommandError(f"--overlap must be in [0, tile), got {overlap}")
+    if args.tile_mode == "blend" and args.tile is None:
+        raise CommandError("--tile-mode blend needs --tile N")
+    if args.max_memory is not None:
+        if args.tile is not None:
+            raise CommandError("give --tile or --max-memory, not both (--max-memory picks the chunk size)")
+        try:
+            parse_memory(args.max_memory)
+        except (TypeError, ValueError) as err:
+            raise CommandError(f"--max-memory: {err}") from None
     if args.quality is not None and not 1 <= args.quality <= 100:
         raise CommandError(f"--quality must be in [1, 100], got {args.quality}")
     if any(sep in args.suffix for sep in ("/", "\\")):
@@ -244,8 +285,11 @@ def run(args: argparse.Namespace) -> int:
         for k, job in enumerate(jobs):
             try:
                 image, info = read_image(job.src)
-                out, routing = method(model, image.to(device), tile=args.tile, overlap=args.overlap, routing=forced,
-                                      progress=not args.quiet)
+                stats: dict = {}
+                out, routing = method(model, image.to(device), tile=args.tile, overlap=overlap if args.tile_mode == "blend" else None,
+                                      routing=forced,
+                                      progress=not args.quiet, max_memory=args.max_memory, tile_mode=args.tile_mode,
+                                      stats=stats)
             except (ValueError, NotEnoughMemoryError) as err:
                 skipped.append((job.src, str(err)))
                 print(f"skipping {job.src}: {err}", file=sys.stderr, flush=True)
@@ -263,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"skipping {job.src}: cannot write {job.dst}: {os_error_message(err)}", file=sys.stderr, flush=True)
                 continue
             done += 1
-            print(f"{job.src} -> {job.dst}  [{describe_routing(routing, config)}]", flush=True)
+            print(f"{job.src} -> {job.dst}  [{describe_routing(routing, config)}]  {describe_memory(stats)}", flush=True)
             del out
             if device.type == "cuda":
                 torch.cuda.empty_cache()

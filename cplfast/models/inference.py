@@ -1,8 +1,15 @@
-"""Inference on images of any size, whole or in overlapping tiles (SPEC §5).
+"""Inference on images of any size: whole, exactly streamed in chunks, or in blended tiles (SPEC §5).
 
 Whole image: reflect-pad the bottom/right to a multiple of 8, run, crop back.
 
-Tiled: the routing (which prompt / degradation the model picks) is computed once, on the whole image
+Exact chunks (``tile=N`` or ``max_memory=...``, ``tile_mode="exact"``, the default): the whole-image
+forward computed block by block over row bands by :func:`cplfast.models.streaming.stream_forward`; the
+result equals the whole-image restore up to float rounding, in bounded memory. ``tile=N`` gives bands
+of about ``N x N`` pixels (full width, ``max(8, N²/W)`` rows rounded down to a multiple of 8);
+``max_memory`` picks the largest band whose estimated peak (weights + activations) fits, or restores
+the whole image at once when that fits.
+
+Blended tiles (``tile_mode="blend"``, approximate): the routing (which prompt / degradation the model picks) is computed once, on the whole image
 downscaled so its long side is at most ``routing_size``, and forced on every tile, so all tiles restore
 the same degradation. Spatial prompt maps (promptir, cpl, pip) come from that same pass: each tile gets
 its own region of the whole image's maps (bilinear resampling; an exact crop when the image needed no
@@ -15,10 +22,14 @@ max at most 255.5) is divided by 255 with a warning; anything else outside [-0.1
 
 Memory: before a whole-image restore, the activation memory is estimated (about
 :data:`BYTES_PER_PIXEL_CHANNEL` bytes per pixel and channel of the first level in fp32) and compared with
-what the device has free; if it does not fit, :class:`NotEnoughMemoryError` names a tile size that does.
+what the device has free; if it does not fit, :class:`NotEnoughMemoryError` names a memory budget and a
+chunk size that do. A ``max_memory`` too small for even 8-row chunks is a :class:`NotEnoughMemoryError`
+naming the smallest budget that works. ``stats={}`` is filled with the mode, the chunking, the
+estimate and the measured peak (CUDA: ``torch.cuda.max_memory_allocated``; otherwise
+:class:`cplfast.models.streaming.LiveTensorBytes`, the peak of live tensor bytes).
 
-Progress: ``progress=True`` shows a tqdm bar (after 2 s) over the tiles, or for a whole image over the
-model's top-level blocks as they run.
+Progress: ``progress=True`` shows a tqdm bar (after 2 s) over the chunks of every sweep (exact), the tiles
+(blend), or for a whole image over the model's top-level blocks as they run.
 """
 
 from __future__ import annotations
@@ -39,8 +50,42 @@ RANGE_TOLERANCE = 0.1
 BYTES_PER_PIXEL_CHANNEL = 160
 
 
+TILE_MODES = ("exact", "blend")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
 class NotEnoughMemoryError(MemoryError):
-    """A whole-image restore that would not fit in the device's free memory (the message names a tile)."""
+    """A restore that would not fit in the device's free memory or in ``max_memory`` (the message says
+    what would)."""
+
+
+def parse_memory(value) -> int:
+    """Bytes from an int or a string such as ``"4GB"`` (10^9), ``"4GiB"`` / ``"4G"`` (2^30), ``"512MB"``."""
+    if isinstance(value, bool):
+        raise TypeError(f"max_memory must be a number of bytes or a string like '4GB', got {value!r}")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        import re
+
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+        unit = match.group(2).upper() if match else None
+        if unit not in _UNITS:
+            raise ValueError(f"max_memory must look like 4GB, 4GiB, 512MB or a number of bytes, got {value!r}")
+        number = float(match.group(1)) * _UNITS[unit]
+    else:
+        raise TypeError(f"max_memory must be a number of bytes or a string like '4GB', got {type(value).__name__}")
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"max_memory must be positive, got {value!r}")
+    return int(number)
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int = MULTIPLE) -> torch.Tensor:
@@ -118,14 +163,21 @@ def check_memory(model, x: torch.Tensor) -> None:
     need = estimate_restore_bytes(model, b, h, w, x.dtype)
     if need <= free:
         return
-    tile = 1024
-    while tile > 64 and estimate_restore_bytes(model, b, tile, tile, x.dtype) * 1.5 > free:
-        tile //= 2
+    budget = int(free * 0.9)
     gib = 2.0 ** 30
+    hint = f"--max-memory {budget / gib:.2f}GiB (model.restore(image, max_memory={budget}))"
+    from .streaming import chunk_rows_for_budget, estimate_streaming_bytes
+
+    rows = chunk_rows_for_budget(model, b, h, w, budget, x.dtype)
+    if rows is not None:
+        tile = max(MULTIPLE, int(math.isqrt(rows * w)) // MULTIPLE * MULTIPLE)
+        hint += f" or --tile {tile}"
+    else:
+        least = estimate_streaming_bytes(model, b, h, w, MULTIPLE, x.dtype)
+        hint += f"; even the smallest chunks (--tile {MULTIPLE}) need about {least / gib:.2f} GiB"
     raise NotEnoughMemoryError(
-        f"restoring the whole {w}x{h} image needs about {need / gib:.1f} GiB but {x.device} has "
-        f"{free / gib:.1f} GiB free; restore it in tiles instead: --tile {tile} "
-        f"(model.restore(image, tile={tile}))")
+        f"restoring the whole {w}x{h} image at once needs about {need / gib:.1f} GiB but {x.device} has "
+        f"{free / gib:.1f} GiB free; restore it exactly in chunks instead: {hint}")
 
 
 def _progress_bar(total: int, desc: str, unit: str):
@@ -220,23 +272,98 @@ def _tile_maps(prompts: _WholeImagePrompts, top: int, left: int, th: int, tw: in
     return crops
 
 
+def tile_chunk_rows(tile: int, height: int, width: int) -> int:
+    """Rows of an exact-mode band holding about ``tile x tile`` pixels of a ``height x width`` image
+    (padded to 8): ``max(8, tile² // width)`` rounded down to a multiple of 8, at most the height."""
+    h, w = -(-height // MULTIPLE) * MULTIPLE, -(-width // MULTIPLE) * MULTIPLE
+    rows = max(MULTIPLE, tile * tile // w // MULTIPLE * MULTIPLE)
+    return min(rows, h)
+
+
+def _parameter_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _plan_budget(model, x: torch.Tensor, max_memory: int) -> int | None:
+    """Chunk rows for ``max_memory`` bytes (weights + input + activations), None for the whole image."""
+    from .streaming import chunk_rows_for_budget, estimate_streaming_bytes
+
+    b, _, h, w = x.shape
+    fixed = _parameter_bytes(model) + 2 * x.numel() * x.element_size()
+    budget = max_memory - fixed
+    if budget >= estimate_restore_bytes(model, b, h, w, x.dtype):
+        return None
+    rows = chunk_rows_for_budget(model, b, h, w, budget, x.dtype) if budget > 0 else None
+    if rows is None:
+        least = fixed + estimate_streaming_bytes(model, b, h, w, MULTIPLE, x.dtype)
+        raise NotEnoughMemoryError(
+            f"max_memory={format_bytes(max_memory)} is too small for a {w}x{h} image even in the smallest "
+            f"exact chunks (8 rows): they need about {format_bytes(least)} (weights and input "
+            f"{format_bytes(fixed)}); give at least --max-memory {math.ceil(least / 2**20)}MiB")
+    return rows
+
+
+class _PeakMemory:
+    """Peak memory of what runs inside: CUDA allocator statistics, else live tensor bytes."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.device, self.enabled, self.peak, self.method = device, enabled, None, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+        else:
+            from .streaming import LiveTensorBytes
+
+            self.tracker = LiveTensorBytes().__enter__()
+            self.method = "live tensor bytes (TorchDispatchMode)"
+        return self
+
+    def __exit__(self, *exc):
+        if not self.enabled:
+            return False
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.tracker.__exit__(*exc)
+            self.peak = self.tracker.peak
+        return False
+
+
 @torch.no_grad()
-def restore(model, image: torch.Tensor, *, tile: int | None = None, overlap: int = 32,
+def restore(model, image: torch.Tensor, *, tile: int | None = None, overlap: int | None = None,
             routing: Mapping[str, torch.Tensor] | None = None, routing_size: int = 512,
-            progress: bool = False, check_memory_first: bool = True):
+            progress: bool = False, check_memory_first: bool = True, max_memory=None,
+            tile_mode: str = "exact", stats: dict | None = None):
     """Restore ``image`` ``(3,H,W)`` or ``(B,3,H,W)`` of any size with ``model`` in eval mode, without grad.
 
     Args:
-        tile: tile side in pixels (a multiple of 8, > ``overlap``), or None for the whole image at once.
-        overlap: pixels shared by neighbouring tiles (blended with a raised-cosine window).
+        tile: chunk size in pixels (a multiple of 8), or None. ``tile_mode="exact"``: bands of about
+            ``tile x tile`` pixels (:func:`tile_chunk_rows`), the whole-image result in bounded memory.
+            ``tile_mode="blend"``: independent ``tile x tile`` tiles blended over ``overlap`` pixels.
+        overlap: pixels shared by neighbouring blended tiles (raised-cosine window; default 32); blend mode
+            only (checked whenever given).
         routing: forced routing (``aux["routing"]`` of an earlier call); default: computed by the model —
-            on the whole image without tiling, on the image downscaled to ``routing_size`` with tiling
-            (that pass also gives the prompt maps every tile takes its region from).
-        routing_size: long side of the downscaled image the tiled routing is computed on.
-        progress: show a progress bar (tiles, or the model's blocks for a whole image) once a restore
-            has run for 2 seconds.
-        check_memory_first: before a whole-image restore, raise :class:`NotEnoughMemoryError` (with a
-            tile size that fits) when the estimated activation memory exceeds the device's free memory.
+            on the whole image (whole, exact), on the image downscaled to ``routing_size`` (blend;
+            that pass also gives the prompt maps every tile takes its region from).
+        routing_size: long side of the downscaled image the blended tiles' routing is computed on.
+        progress: show a progress bar (chunks, tiles, or the model's blocks for a whole image) once a
+            restore has run for 2 seconds.
+        check_memory_first: before a whole-image restore without ``max_memory``, raise
+            :class:`NotEnoughMemoryError` (naming a budget and chunk size that fit) when the estimated
+            activation memory exceeds the device's free memory.
+        max_memory: a memory budget (bytes, or a string like ``"4GB"``, ``"4GiB"``) for weights, input and
+            activations: the whole image at once when its estimate fits, else exact chunks of the largest
+            size that fits; :class:`NotEnoughMemoryError` when 8-row chunks do not. Not with ``tile``.
+        tile_mode: ``"exact"`` (default) or ``"blend"`` (approximate; needs ``tile``).
+        stats: a dict to fill with ``mode`` ("whole" / "exact" / "blend"), ``chunk_rows``, ``chunks``,
+            ``estimated_bytes``, ``peak_bytes`` and ``peak_method`` (measuring costs a little time on
+            the CPU).
 
     A float image in 0-255 is divided by 255 with a warning; other values outside [0, 1] are an error.
 
@@ -245,11 +372,22 @@ def restore(model, image: torch.Tensor, *, tile: int | None = None, overlap: int
     image = _check_image(model, image)
     squeeze = image.dim() == 3
     x = image.unsqueeze(0) if squeeze else image
+    if tile_mode not in TILE_MODES:
+        raise ValueError(f"tile_mode must be one of {TILE_MODES}, got {tile_mode!r}")
     if tile is not None:
         if isinstance(tile, bool) or not isinstance(tile, int) or tile < MULTIPLE or tile % MULTIPLE:
             raise ValueError(f"tile must be None or a positive multiple of {MULTIPLE}, got {tile!r}")
-        if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile:
+        if overlap is None and tile_mode == "blend":
+            overlap = 32
+        if overlap is not None and (isinstance(overlap, bool) or not isinstance(overlap, int)
+                                    or not 0 <= overlap < tile):
             raise ValueError(f"overlap must be an int in [0, tile={tile}), got {overlap!r}")
+    elif tile_mode == "blend":
+        raise ValueError("tile_mode='blend' needs a tile size (tile=N)")
+    if max_memory is not None:
+        max_memory = parse_memory(max_memory)
+        if tile is not None:
+            raise ValueError("give tile or max_memory, not both (max_memory picks the chunk size)")
     if isinstance(routing_size, bool) or not isinstance(routing_size, int) or routing_size < MULTIPLE:
         raise ValueError(f"routing_size must be an int >= {MULTIPLE}, got {routing_size!r}")
     param = next(model.parameters())
@@ -260,24 +398,58 @@ def restore(model, image: torch.Tensor, *, tile: int | None = None, overlap: int
     try:
         h, w = x.shape[-2:]
         padded = _pad_to_multiple(x)
-        if tile is None:
-            if check_memory_first:
+        rows = None
+        if tile is not None and tile_mode == "exact":
+            rows = tile_chunk_rows(tile, h, w)
+        elif max_memory is not None:
+            rows = _plan_budget(model, padded, max_memory)
+        mode = "blend" if tile is not None and tile_mode == "blend" else ("whole" if rows is None else "exact")
+        meter = _PeakMemory(padded.device, stats is not None)
+        if mode == "whole":
+            if check_memory_first and max_memory is None:
                 check_memory(model, padded)
-            watcher = _BlockProgress(model) if progress else None
-            try:
-                out, aux = model(padded, routing=routing, return_aux=True)
-            finally:
-                if watcher is not None:
-                    watcher.close()
+            with meter:
+                watcher = _BlockProgress(model) if progress else None
+                try:
+                    out, aux = model(padded, routing=routing, return_aux=True)
+                finally:
+                    if watcher is not None:
+                        watcher.close()
             routing = aux["routing"]
+        elif mode == "exact":
+            with meter:
+                out, routing = _exact(model, padded, rows, routing, progress)
         else:
-            prompts = _whole_image_prompts(model, x, routing_size, routing)
-            routing = prompts.routing
-            out = _tiled(model, padded, tile, overlap, prompts, progress=progress)
+            with meter:
+                prompts = _whole_image_prompts(model, x, routing_size, routing)
+                routing = prompts.routing
+                out = _tiled(model, padded, tile, overlap, prompts, progress=progress)
     finally:
         model.train(was_training)
+    if stats is not None:
+        from .streaming import estimate_streaming_bytes
+
+        b, _, ph, pw = padded.shape
+        stats.clear()
+        stats.update(mode=mode, chunk_rows=rows, chunks=None if rows is None else -(-ph // rows),
+                     estimated_bytes=(estimate_streaming_bytes(model, b, ph, pw, rows, padded.dtype) if mode == "exact"
+                                      else estimate_restore_bytes(model, b, ph, pw, padded.dtype) if mode == "whole"
+                                      else None),
+                     peak_bytes=meter.peak, peak_method=meter.method)
     out = out[..., :h, :w]
     return (out[0] if squeeze else out), routing
+
+
+def _exact(model, x: torch.Tensor, rows: int, routing, progress: bool):
+    from .streaming import count_sweeps, stream_forward
+
+    bar = _progress_bar(count_sweeps(model) * -(-x.shape[2] // rows), "restore", "chunk") if progress else None
+    try:
+        return stream_forward(model, x, chunk_rows=rows, routing=routing, return_routing=True,
+                              progress=None if bar is None else bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def dihedral(x: torch.Tensor, code: int) -> torch.Tensor:
@@ -301,11 +473,18 @@ def restore_tta(model, image: torch.Tensor, **kwargs):
     restore the same degradation. ``kwargs`` as :func:`restore`; returns ``(image, routing)``."""
     image = _check_image(model, image)
     out, routing = restore(model, image, **kwargs)
+    stats = kwargs.get("stats")
+    first = dict(stats) if stats is not None else None
     kwargs = {**kwargs, "routing": routing, "check_memory_first": False}
     total = out.float().clone()
     for code in range(1, 8):
         piece, _ = restore(model, dihedral(image, code), **kwargs)
         total += undo_dihedral(piece.float(), code)
+        if first is not None and stats.get("peak_bytes") is not None:
+            first["peak_bytes"] = max(first["peak_bytes"] or 0, stats["peak_bytes"])
+    if first is not None:
+        stats.clear()
+        stats.update(first)  # the first restore's plan, the largest peak of the eight
     return (total / 8).to(out.dtype), routing
 
 
@@ -340,5 +519,6 @@ def _run_tiles(model, x, tile, overlap, prompts, rows, cols, out, weight, bar) -
                 bar.update(1)
 
 
-__all__ = ["BYTES_PER_PIXEL_CHANNEL", "NotEnoughMemoryError", "blend_window", "check_memory", "check_value_range",
-           "dihedral", "estimate_restore_bytes", "free_memory", "restore", "restore_tta", "tile_starts", "undo_dihedral"]
+__all__ = ["BYTES_PER_PIXEL_CHANNEL", "NotEnoughMemoryError", "TILE_MODES", "blend_window", "check_memory",
+           "check_value_range", "dihedral", "estimate_restore_bytes", "format_bytes", "free_memory", "parse_memory",
+           "restore", "restore_tta", "tile_chunk_rows", "tile_starts", "undo_dihedral"]

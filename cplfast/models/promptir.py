@@ -350,12 +350,13 @@ class PromptIR(nn.Module):
             f", entry {entry!r}" if entry else "", prompt)
         return model
 
-    def restore(self, image: torch.Tensor, *, tile: int | None = None, overlap: int = 32,
-                routing: Mapping[str, torch.Tensor] | None = None, routing_size: int = 512):
-        """Restore an image of any size; see :func:`cplfast.models.inference.restore`."""
+    def restore(self, image: torch.Tensor, *, tile: int | None = None, overlap: int | None = None,
+                routing: Mapping[str, torch.Tensor] | None = None, routing_size: int = 512, **options):
+        """Restore an image of any size; see :func:`cplfast.models.inference.restore` (``options``:
+        ``max_memory="4GB"``, ``tile_mode="exact"|"blend"``, ``progress``, ``stats``)."""
         from .inference import restore
 
-        return restore(self, image, tile=tile, overlap=overlap, routing=routing, routing_size=routing_size)
+        return restore(self, image, tile=tile, overlap=overlap, routing=routing, routing_size=routing_size, **options)
 
     def forward_with_negatives(self, x: torch.Tensor, num_negatives: int, *, labels: torch.Tensor | None = None,
                                negative_mode: str = "random", generator: torch.Generator | None = None):
