@@ -3,7 +3,7 @@ checked against what the GPU enforces — without a GPU.
 
     python -m cplfast.kernels.audit [--quick] [--arch sm_90 sm_80] [--ops OP ...] [--json F] [--markdown F]
 
-How it works. Each ``kernels/<op>.py`` lists the shapes users reach in ``audit_cases(precision, quick)``.
+How it works. Each ``kernels/<op>.py`` lists the shapes users reach in ``audit_cases(dtype)`` (cases flagged ``quick`` form the CI subset).
 A case calls the op's real launchers (forward and backward) on fake CUDA tensors (``FakeTensorMode``:
 shapes, strides and dtypes, no storage) while ``triton``'s ``JITFunction.run`` is replaced by a recorder,
 and ``torch.cuda`` answers as the target GPU would (its SM count drives the launchers' split choices).
