@@ -9,9 +9,9 @@ Shapes: q, k, v ``(B,h,c,L)``; temperature ``(h,)``; mix ``(J,)``; ``counts[j] =
     P  = sum_j mix[j] * S_j                      (one plain softmax when ``counts`` is empty: MDTA)
     out = P @ v
 
-No kernel holds a c x c tile. Channels are cut into chunks of ``K`` (``ChannelPlan.chunk``: 16…64,
-a power of two; the last chunk is masked, so c = 160 runs as five chunks of 32, not as 256), and
-every grid is one-dimensional (axis 0 allows 2^31 - 1 programs, so 8K images launch).
+No kernel holds a c x c tile. Channels are cut into chunks of ``K`` (``ChannelPlan.chunk``, 32 on a
+GPU, 16 for c <= 16; the last chunk is masked, so c = 96 / 160 run as 3 / 5 chunks of 32, never padded
+to 128 / 256), and every grid is one-dimensional (axis 0 allows 2^31 - 1 programs, so 8K images launch).
 
 Forward, three launches:
 
@@ -444,6 +444,7 @@ class ChannelPlan:
     warps_rows: int
     warps_apply: int
     warps_grads: int
+    stages_grads: int
 
     @property
     def block_c(self) -> int:
@@ -480,16 +481,13 @@ def make_plan(
     """Settings for q of ``shape`` (B,h,c,L): the CUDA plan when ``gpu`` (``sms`` streaming
     multiprocessors), else the interpreter's (largest blocks, fewest programs). Keywords override.
 
-    CUDA: K = next_pow2(c) (>= 16) up to 64 channels, else 64 when 64 divides c, else 32 (c = 96, 160
-    run as 3 and 5 exact chunks); rows of the c x c kernels such that ``block_r x block_c <= 2048``
-    and the rank tile ``<= 8192`` elements."""
+    CUDA: K = 32 (16 for c <= 16), which keeps the fp32 (FMA and 3xTF32) products of every kernel
+    within registers on sm_80 and sm_90; rows of the c x c kernels such that ``block_r x block_c <=
+    2048`` and the rank tile ``<= 8192`` elements. The interpreter: one chunk of next_pow2(c), all rows."""
     batch, heads, c, length = (int(s) for s in shape)
     block_c = max(16, triton.next_power_of_2(c))
     if chunk is None:
-        if not gpu or c <= 64:
-            chunk = block_c
-        else:
-            chunk = 64 if c % 64 == 0 else 32
+        chunk = min(block_c, 32) if gpu else block_c
     _pow2("chunk", chunk, 16)
     if block_l is None:
         block_l = 64
@@ -510,7 +508,7 @@ def make_plan(
     return ChannelPlan(
         c=c, length=length, chunk=chunk, block_l=block_l, splits=splits, block_r=block_r, rank_chunk=rank_chunk,
         warps_gram=8 if chunk >= 64 else 4, warps_rows=4 if block_r * block_c <= 1024 else 8,
-        warps_apply=8 if chunk >= 32 else 4, warps_grads=8 if chunk >= 32 else 4,
+        warps_apply=8 if chunk >= 32 else 4, warps_grads=8 if chunk >= 32 else 4, stages_grads=1,
     )
 
 
@@ -644,7 +642,7 @@ def channel_attention_backward(
             heads, c, length, plan.tiles, plan.l_blocks, plan.row_blocks,
             *grad_out.stride(), *q.stride(), *k.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
             BLOCK_K=plan.chunk, BLOCK_L=plan.block_l, PRECISION=precision,
-            num_warps=plan.warps_grads,
+            num_warps=plan.warps_grads, num_stages=plan.stages_grads,
         )
         dtemperature = dtemp_ws.sum(dim=(0, 2)).to(temperature.dtype)
         if mix is None:

@@ -19,13 +19,13 @@ NO_AUTOGRAD_CHECKS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynam
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Element-wise error of ``a`` against ``b``: max |a - b| / (|b| + rms(b)), i.e. relative for the
-    large entries and relative to the typical magnitude for entries near zero."""
+def rel(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-30) -> float:
+    """Element-wise error of ``a`` against ``b``: max |a - b| / (|b| + max(rms(b), floor)), i.e. relative
+    for the large entries and relative to the typical magnitude for entries near zero."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     if b.numel() == 0:
         return 0.0
-    scale = b.square().mean().sqrt().clamp_min(1e-30)
+    scale = b.square().mean().sqrt().clamp_min(floor)
     return ((a - b).abs() / (b.abs() + scale)).max().item()
 
 
@@ -61,9 +61,9 @@ def numpy_topm(q, k, v, temperature, fractions, mix):
     return torch.from_numpy(out)
 
 
-def triton_vs_reference(q, k, v, temperature, mix, fractions, **launch):
+def triton_vs_reference(q, k, v, temperature, mix, fractions, *, floor=1e-30, **launch):
     """Forward and every input gradient of the Triton path (fp32) against autograd on the float64
-    reference. Returns {name: relative error}."""
+    reference. Returns {name: element-wise error (see ``rel``)}; ``floor``: least magnitude scale."""
     leaves64 = [x.detach().double().requires_grad_() for x in (q, k, v, temperature)]
     mix64 = None if mix is None else mix.detach().double().requires_grad_()
     expected = reference_op(*leaves64, fractions=fractions, mix=mix64)
@@ -93,7 +93,7 @@ def triton_vs_reference(q, k, v, temperature, mix, fractions, **launch):
     inputs = (q, k, v, temperature, mix)
     for name, got, want, leaf in zip(("q", "k", "v", "temperature", "mix"), grads, grads64, inputs):
         assert got.shape == want.shape and got.dtype == leaf.dtype
-        errors[name] = rel(got, want)
+        errors[name] = rel(got, want, floor)
     return errors
 
 
@@ -204,8 +204,8 @@ def test_triton_matches_reference(c, fractions, with_mix):
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     h=st.integers(1, 3),
-    c=st.integers(2, 40),
-    length=st.integers(2, 50),  # at L = 1, q^ = sign(q): dq, dk are exactly 0 and a relative error is noise
+    c=st.integers(2, 36),
+    length=st.integers(2, 40),  # at L = 1, q^ = sign(q): dq, dk are exactly 0 and a relative error is noise
     fractions=st.sampled_from([None, DEFAULT, (0.5, 1.0)]),
     seed=st.integers(0, 2**31 - 1),
 )
@@ -215,7 +215,7 @@ def test_triton_matches_reference_on_drawn_shapes(h, c, length, fractions, seed)
     q, k, v, temperature, mix = make_inputs(
         1, h, c, length, n_fracs=len(fractions or ()), dtype=torch.float32, gen=gen
     )
-    launch = dict(chunk=16, block_l=16, splits=2, block_r=4, rank_chunk=8)
+    launch = dict(chunk=16, block_l=16, splits=2, block_r=8, rank_chunk=8)
     assert_close(triton_vs_reference(q, k, v, temperature, mix, fractions, **launch))
 
 
@@ -268,14 +268,14 @@ def test_triton_cuda_plan(c, fractions, with_mix):
 @pytest.mark.slow
 @pytest.mark.parametrize("c, fractions", [(192, DEFAULT), (80, DEFAULT), (40, None)])
 def test_triton_cuda_plan_more_widths(c, fractions):
-    """K-chunks of 64 (c = 192, 256), a masked last chunk (c = 80 in chunks of 32, c = 40 in one of 64)."""
+    """Six K-chunks (c = 192), a masked last chunk (c = 80, 40 in chunks of 32)."""
     plan, errors = cuda_plan_case(c, 70, fractions, True)
-    assert plan.chunk == (64 if c % 64 == 0 or c < 64 else 32)
+    assert plan.chunk == 32 and plan.tiles == -(-c // 32)
     assert_close(errors)
 
 
 def test_triton_non_contiguous_inputs():
-    b, h, c, length = 2, 3, 21, 37
+    b, h, c, length = 2, 2, 21, 37
     # q: heads split out of a channels-last-like (B, L, h*c) tensor; k: a slice; v: transposed storage
     q = torch.randn(b, length, h * c).view(b, length, h, c).permute(0, 2, 3, 1)
     k = torch.randn(b, h, c + 2, length + 3)[:, :, 1:-1, 2:-1]
@@ -296,7 +296,7 @@ def one_hot_keys(q, pixels, scale=3.0):
     return k
 
 
-LAUNCHES = {"interpreter": {}, "chunked": dict(chunk=16, block_l=16, block_r=4, rank_chunk=4, splits=2)}
+LAUNCHES = {"interpreter": {}, "chunked": dict(chunk=16, block_l=16, block_r=8, rank_chunk=4, splits=2)}
 
 
 @pytest.mark.parametrize("launch", list(LAUNCHES))
@@ -317,12 +317,13 @@ def test_triton_ties_keep_lower_index(launch):
 @pytest.mark.parametrize("launch", list(LAUNCHES))
 def test_triton_all_scores_equal(launch):
     """Every key row the same one-hot vector: each row's scores are all equal, so the top m are the
-    first m columns."""
+    first m columns. (dq is 0 then: the rows of dA sum to 0 and all k^ rows are equal; its float64
+    value is rounding noise, so errors are measured against a magnitude floor of 1.)"""
     q, _, v, temperature, mix = make_inputs(1, 2, 21, 30, n_fracs=4, dtype=torch.float32)
     k = one_hot_keys(q, [4] * 21)
     scores = cplfast.reference.channel_attention.channel_scores(q.double(), k.double(), temperature.double())
     assert torch.equal(scores, scores[..., :1].expand_as(scores))
-    assert_close(triton_vs_reference(q, k, v, temperature, mix, DEFAULT, **LAUNCHES[launch]))
+    assert_close(triton_vs_reference(q, k, v, temperature, mix, DEFAULT, floor=1.0, **LAUNCHES[launch]))
 
 
 def test_triton_cuda_plan_ties():
@@ -358,17 +359,17 @@ def test_make_plan_rejects_bad_settings():
 
 
 def test_cuda_plan_shapes():
-    """The CUDA plan keeps every tile off c x c: K-chunks of at most 64 without padding 96 / 160 to a
-    power of two, and the L blocks on the unbounded grid axis."""
+    """The CUDA plan keeps every tile off c x c: K-chunks of 32 without padding 96 / 160 to a power of
+    two, and the L blocks on the unbounded grid axis."""
     from cplfast.kernels.channel_attention import make_plan
 
-    for c, chunk in [(32, 32), (40, 64), (48, 64), (64, 64), (80, 32), (96, 32), (128, 64), (160, 32),
-                     (192, 64), (256, 64)]:
+    for c, chunk in [(12, 16), (32, 32), (40, 32), (48, 32), (64, 32), (80, 32), (96, 32), (128, 32),
+                     (160, 32), (192, 32), (256, 32)]:
         plan = make_plan((8, 2, c, 4096), gpu=True, sms=132)
         assert plan.chunk == chunk, c
         assert plan.block_r * plan.block_c <= 2048 and plan.block_r * plan.block_c * plan.rank_chunk <= 8192
     plan = make_plan((1, 1, 48, 7680 * 4320), gpu=True, sms=132)
-    assert plan.l_blocks > 65_535 and plan.splits == 264
+    assert plan.l_blocks > 65_535 and plan.splits == 2 * 132 // plan.tiles**2  # two waves of programs
 
 
 def test_triton_fraction_one_equals_plain_softmax():
