@@ -279,8 +279,7 @@ class _Streamer:
         return _bands(height, max(1, self.rows * height // self.height))
 
     # ----------------------------------------------------------------- sweeps over bands
-    def materialise(self, m: _Map) -> torch.Tensor:
-        out = None
+    def materialise(self, m: _Map, out: torch.Tensor | None = None) -> torch.Tensor:
         for a, b in self.bands(m.height):
             piece = m.rows(a, b)
             if out is None:
@@ -448,7 +447,11 @@ class _Streamer:
     def run(self) -> torch.Tensor:
         model, kind = self.model, self.model.prompt_type
         image = _Stored(self.x)
-        enc1 = self.materialise(_Local(model.patch_embed, [image], halo=1))
+        # decoder level 1 takes cat(up2_1(feature), enc1): enc1 lives in the second half of that buffer
+        b, _, h, w = self.x.shape
+        d1 = model.patch_embed.proj.out_channels
+        level1 = self.x.new_empty(b, 2 * d1, h, w)
+        enc1 = self.materialise(_Local(model.patch_embed, [image], halo=1), out=level1[:, d1:])
         self.stage(model.encoder_level1, enc1)
         enc2 = self.materialise(_Local(model.down1_2, [_Stored(enc1)], halo=1, scale="down"))
         self.stage(model.encoder_level2, enc2)
@@ -484,9 +487,10 @@ class _Streamer:
 
         feature = self.slot(1, buf)
         del buf
-        up = _Local(model.up2_1, [feature], halo=1, scale="up")
-        buf = self.materialise(_Local(lambda u, e: torch.cat([u, e], 1), [up, _Stored(enc1)]))
-        del feature, up, enc1
+        del enc1
+        buf = level1
+        self.materialise(_Local(model.up2_1, [feature], halo=1, scale="up"), out=buf[:, :d1])
+        del feature, level1
         self.stage(model.decoder_level1, buf)
         self.stage(model.refinement, buf)
         return self.materialise(_Local(lambda r, i: model.output(r) + i, [_Stored(buf), image], halo=1))
@@ -590,17 +594,18 @@ def _whole_elements(w: dict, hw: int) -> float:
     d1, d2, d3, d4, (p1, p2, p3) = w["d1"], w["d2"], w["d3"], w["d4"], w["p"]
     image = 3 * hw
     skips = d1 * hw + d2 * hw / 4 + d3 * hw / 16
+    level1 = 2 * d1 * hw  # decoder level 1's input buffer, holding enc1 from the start
     stages = [
-        image + skips + d4 * hw / 64,  # end of the encoder
-        image + d1 * hw + d2 * hw / 4 + (d3 + d3 + d4) * hw / 16,  # decoder level 3 input written
-        image + d1 * hw + (d2 + d3 + (d3 + p2)) * hw / 4,  # decoder level 2 input written
-        image + d1 * hw + d2 * hw + (d2 + p1) * hw / 4,  # decoder level 1 input written
-        image + d2 * hw + 3 * hw,  # output written
+        image + level1 + skips - d1 * hw + d4 * hw / 64,  # end of the encoder
+        image + level1 + d2 * hw / 4 + (d3 + d3 + d4 + p3) * hw / 16,  # decoder level 3 input written
+        image + level1 + (d2 + d3 + (d3 + p2)) * hw / 4,  # decoder level 2 input written
+        image + level1 + (d2 + p1) * hw / 4,  # decoder level 1 input written
+        image + level1 + 3 * hw,  # output written
     ]
     if w["kind"] in ("promptir", "cpl"):
-        stages.append(image + d1 * hw + (d2 + d2 + p1) * hw / 4)  # slot 1 input (feature + prompt) written
+        stages.append(image + level1 + (d2 + d2 + p1) * hw / 4)  # slot 1 input (feature + prompt) written
     if w["kind"] == "pip":
-        stages.append(image + skips + d4 * hw / 64 + 2 * max(d1, p1) * hw)  # level-1 prompt: padded skip + resize
+        stages.append(image + level1 + skips - d1 * hw + 2 * max(d1, p1) * hw)  # level-1 prompt: padded skip
     return max(stages)
 
 
