@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import device_guard
+
 EPS = tl.constexpr(1e-12)  # F.normalize eps; a constexpr so the kernels may read it
 
 
@@ -100,14 +102,14 @@ def _infonce_fwd_kernel(
     rest = (tl.exp(s_p - m) - 1.0) + tl.sum(tl.exp(s_n - m[None, :]), axis=0)
     loss = (m - s_p) + _log1p(rest)
 
-    row = L
+    row = L.to(tl.int64)  # stats rows are L apart: (2K + 3) L passes 2^31 at 4K output and K >= 6
     loc64 = loc.to(tl.int64)
     tl.store(stats_ptr + loc64, norm_a, mask=loc_ok)
     tl.store(stats_ptr + row + loc64, norm_p, mask=loc_ok)
     n_rows = (2 + ks).to(tl.int64)[:, None] * row + loc64[None, :]
     tl.store(stats_ptr + n_rows, norm_n, mask=k_ok[:, None] & loc_ok[None, :])
     tl.store(stats_ptr + (K + 2) * row + loc64, s_p, mask=loc_ok)
-    tl.store(stats_ptr + K * row + n_rows + row, s_n, mask=k_ok[:, None] & loc_ok[None, :])
+    tl.store(stats_ptr + (K + 1) * row + n_rows, s_n, mask=k_ok[:, None] & loc_ok[None, :])
 
     if REDUCE:
         tl.store(loss_ptr + pid, tl.sum(tl.where(loc_ok, loss, 0.0), axis=0))
@@ -119,6 +121,7 @@ def _infonce_fwd_kernel(
 def _infonce_bwd_kernel(
     grad_ptr, a_ptr, p_ptr, n_ptr, stats_ptr, da_ptr, dp_ptr, dn_ptr,
     L, C, K, size1, size2,
+    sg0, sg1, sg2,
     sa0, sa1, sa2, sac,
     sp0, sp1, sp2, spc,
     snk, sn0, sn1, sn2, snc,
@@ -137,15 +140,16 @@ def _infonce_bwd_kernel(
     k_ok = ks < K
     kl_ok = k_ok[:, None] & loc_ok[None, :]
 
-    row = L
+    row = L.to(tl.int64)
     n_rows = (2 + ks).to(tl.int64)[:, None] * row + loc64[None, :]
     norm_a = tl.load(stats_ptr + loc64, mask=loc_ok, other=1.0)
     norm_p = tl.load(stats_ptr + row + loc64, mask=loc_ok, other=1.0)
     norm_n = tl.load(stats_ptr + n_rows, mask=kl_ok, other=1.0)
     s_p = tl.load(stats_ptr + (K + 2) * row + loc64, mask=loc_ok, other=0.0)
-    s_n = tl.load(stats_ptr + K * row + n_rows + row, mask=kl_ok, other=0.0)
-    if GRAD_IS_MAP:
-        g = tl.load(grad_ptr + loc64, mask=loc_ok, other=0.0).to(tl.float32) * grad_scale
+    s_n = tl.load(stats_ptr + (K + 1) * row + n_rows, mask=kl_ok, other=0.0)
+    if GRAD_IS_MAP:  # read through its strides: sum().backward() hands over an expanded (stride-0) map
+        off_g = _location_offsets(loc, size1, size2, sg0, sg1, sg2)
+        g = tl.load(grad_ptr + off_g, mask=loc_ok, other=0.0).to(tl.float32) * grad_scale
     else:
         g = tl.load(grad_ptr).to(tl.float32) * grad_scale + tl.zeros([BLOCK_L], tl.float32)
     g = tl.where(loc_ok, g, 0.0)
@@ -210,23 +214,31 @@ def _location_layout(t: torch.Tensor, dim: int) -> tuple[list[int], list[int], i
     return sizes, strides, t.stride(dim)
 
 
-def _blocks(anchor: torch.Tensor, dim: int, num_negatives: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_L, BLOCK_C, BLOCK_K, num_warps)``.
+def cuda_blocks(channels: int, num_negatives: int, channel_contiguous: bool) -> tuple[int, int, int, int]:
+    """``(BLOCK_L, BLOCK_C, BLOCK_K, num_warps)`` of a CUDA launch.
 
-    On CUDA the tile of negatives (BLOCK_K x BLOCK_L x BLOCK_C) is capped so that the sm_90 builds do not
-    spill registers (checked with Triton 3.6); channel-contiguous inputs (channels-last, ``(N, D)``) need
-    the smaller tile.
+    Each program holds a ``BLOCK_K x BLOCK_L x BLOCK_C`` tile of negatives; the tile is capped, and spread
+    over 8 warps, so that the sm_90 and sm_80 builds do not spill registers in any dtype
+    (``python -m cplfast.kernels.audit``, Triton 3.6 and the newest); channel-contiguous inputs
+    (channels-last, ``(N, D)``) need the smaller tile.
     """
     block_k = triton.next_power_of_2(max(num_negatives, 1))
-    channels = triton.next_power_of_2(anchor.shape[dim])
-    if anchor.device.type != "cuda":  # interpreter: few, large programs are fastest
-        block_l = 128
-        return block_l, max(1, min(channels, (1 << 15) // (block_k * block_l), 64)), block_k, 4
-    channel_contiguous = anchor.stride(dim) == 1
+    block_c_max = triton.next_power_of_2(channels)
     budget = 2048 if channel_contiguous else 4096
-    block_c = max(1, min(channels, 16, budget // (block_k * 64)))
+    block_c = max(1, min(block_c_max, 16, budget // (block_k * 64)))
     block_l = max(16, min(64, budget // (block_k * block_c)))
-    return block_l, block_c, block_k, 8 if channel_contiguous else 4
+    return block_l, block_c, block_k, 8
+
+
+def _blocks(anchor: torch.Tensor, dim: int, num_negatives: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_L, BLOCK_C, BLOCK_K, num_warps)``: :func:`cuda_blocks` on CUDA; under the interpreter few,
+    large programs (all channels of a small C in one chunk)."""
+    if anchor.device.type == "cuda":
+        return cuda_blocks(anchor.shape[dim], num_negatives, anchor.stride(dim) == 1)
+    block_k = triton.next_power_of_2(max(num_negatives, 1))
+    block_l = 128
+    channels = triton.next_power_of_2(anchor.shape[dim])
+    return block_l, max(1, min(channels, (1 << 15) // (block_k * block_l), 64)), block_k, 4
 
 
 def num_locations(anchor: torch.Tensor, dim: int) -> int:
@@ -241,7 +253,9 @@ def infonce_forward(
     anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float, dim: int,
     reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss (scalar, or the map of anchor's shape without ``dim``) and ``stats`` ``(2K+3, L)`` fp32."""
+    """Loss (scalar, or the map of anchor's shape without ``dim``) and ``stats`` ``(2K+3, L)`` fp32.
+
+    One launch, grid ``(cdiv(L, BLOCK_L),)``; the per-block partial sums are then summed by torch."""
     num_neg, channels = negatives.shape[0], anchor.shape[dim]
     locations = num_locations(anchor, dim)
     block_l, block_c, block_k, num_warps = _blocks(anchor, dim, num_neg)
@@ -257,14 +271,15 @@ def infonce_forward(
     sizes, sa, sac = _location_layout(anchor, dim)
     _, sp, spc = _location_layout(positive, dim)
     neg = negatives if num_neg > 0 else anchor.unsqueeze(0)  # never read when K = 0
-    _, sn, snc = _location_layout(neg[0], dim)
-    _infonce_fwd_kernel[grid](
-        anchor, positive, neg, loss_buf, stats,
-        locations, channels, num_neg, sizes[1], sizes[2],
-        *sa, sac, *sp, spc, neg.stride(0), *sn, snc,
-        1.0 / temperature,
-        REDUCE=reduce, BLOCK_L=block_l, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=num_warps,
-    )
+    _, sn, snc = _location_layout(neg.select(0, 0), dim)
+    with device_guard(anchor.device):
+        _infonce_fwd_kernel[grid](
+            anchor, positive, neg, loss_buf, stats,
+            locations, channels, num_neg, sizes[1], sizes[2],
+            *sa, sac, *sp, spc, neg.stride(0), *sn, snc,
+            1.0 / temperature,
+            REDUCE=reduce, BLOCK_L=block_l, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=num_warps,
+        )
     if not reduce:
         return loss_buf, stats
     total = loss_buf.sum()
@@ -280,15 +295,19 @@ def infonce_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients to (anchor, positive, negatives), ``None`` where not needed.
 
-    ``grad`` is the upstream gradient: a scalar for ``mean``/``sum``, the loss map for ``none``.
-    Gradients keep their input's memory layout when it is dense (``empty_like``).
+    ``grad`` is the upstream gradient: a scalar for ``mean``/``sum``, the loss map for ``none`` (read
+    through its strides). Gradients keep their input's memory layout when it is dense (``empty_like``).
+    One launch, grid ``(cdiv(L, BLOCK_L),)``.
     """
     num_neg, channels = negatives.shape[0], anchor.shape[dim]
     locations = num_locations(anchor, dim)
     block_l, block_c, block_k, num_warps = _blocks(anchor, dim, num_neg)
     grid = (triton.cdiv(locations, block_l),)
     grad_is_map = reduction == "none"
-    grad = grad.contiguous() if grad_is_map else grad.reshape(1)
+    if grad_is_map:
+        _, sg, _ = _location_layout(grad.unsqueeze(dim), dim)
+    else:
+        grad, sg = grad.reshape(1), [0, 0, 0]
     grad_scale = 1.0 / locations if reduction == "mean" else 1.0
     d_anchor = torch.empty_like(anchor) if need_anchor else None
     d_positive = torch.empty_like(positive) if need_positive else None
@@ -299,21 +318,23 @@ def infonce_backward(
     d_neg = d_negatives if write_n else neg
     sizes, sa, sac = _location_layout(anchor, dim)
     _, sp, spc = _location_layout(positive, dim)
-    _, sn, snc = _location_layout(neg[0], dim)
+    _, sn, snc = _location_layout(neg.select(0, 0), dim)
     da = d_anchor if need_anchor else anchor
     dp = d_positive if need_positive else positive
     _, sda, sdac = _location_layout(da, dim)
     _, sdp, sdpc = _location_layout(dp, dim)
-    _, sdn, sdnc = _location_layout(d_neg[0], dim)
-    _infonce_bwd_kernel[grid](
-        grad, anchor, positive, neg, stats, da, dp, d_neg,
-        locations, channels, num_neg, sizes[1], sizes[2],
-        *sa, sac, *sp, spc, neg.stride(0), *sn, snc,
-        *sda, sdac, *sdp, sdpc, d_neg.stride(0), *sdn, sdnc,
-        temperature, grad_scale,
-        GRAD_IS_MAP=grad_is_map, WRITE_A=need_anchor, WRITE_P=need_positive, WRITE_N=write_n,
-        BLOCK_L=block_l, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=num_warps,
-    )
+    _, sdn, sdnc = _location_layout(d_neg.select(0, 0), dim)
+    with device_guard(anchor.device):
+        _infonce_bwd_kernel[grid](
+            grad, anchor, positive, neg, stats, da, dp, d_neg,
+            locations, channels, num_neg, sizes[1], sizes[2],
+            *sg,
+            *sa, sac, *sp, spc, neg.stride(0), *sn, snc,
+            *sda, sdac, *sdp, sdpc, d_neg.stride(0), *sdn, sdnc,
+            temperature, grad_scale,
+            GRAD_IS_MAP=grad_is_map, WRITE_A=need_anchor, WRITE_P=need_positive, WRITE_N=write_n,
+            BLOCK_L=block_l, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=num_warps,
+        )
     return d_anchor, d_positive, d_negatives
 
 

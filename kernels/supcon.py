@@ -25,37 +25,41 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import device_guard, dot_precision
+
 EPS = 1e-12
 
 
 @triton.jit
-def _scores(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D, sx0, sx1, sy0, sy1,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    """Raw dot products ``x_rows . y_cols`` ``(BLOCK_M, BLOCK_N)`` fp32, looping over D."""
+def _scores(x_ptr, y_ptr, x_off, y_off, row_ok, col_ok, D, sx1, sy1,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """Raw dot products ``x_rows . y_cols`` ``(BLOCK_M, BLOCK_N)`` fp32, looping over D.
+
+    ``x_off`` / ``y_off`` are the rows' int64 memory offsets (row index times row stride)."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < D
-        x = tl.load(x_ptr + rows[:, None] * sx0 + d[None, :] * sx1, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        y = tl.load(y_ptr + cols[:, None] * sy0 + d[None, :] * sy1, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(x, tl.trans(y), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(y), acc)
+        d64 = d.to(tl.int64)
+        x = tl.load(x_ptr + x_off[:, None] + d64[None, :] * sx1, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        y = tl.load(y_ptr + y_off[:, None] + d64[None, :] * sy1, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(y), acc, input_precision=DOT)
     return acc
 
 
 @triton.jit
 def _supcon_fwd_kernel(
     q_ptr, k_ptr, rq_ptr, rk_ptr, yq_ptr, yk_ptr, loss_ptr, lse_ptr, npos_ptr,
-    NQ, NK, D, offset, sq0, sq1, sk0, sk1, inv_tau,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    NQ, NK, D, offset, sq0, sq1, sk0, sk1, syq, syk, inv_tau,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < NQ
+    rows64 = rows.to(tl.int64)
+    q_off = rows64 * sq0
     scale_q = tl.load(rq_ptr + rows, mask=row_ok, other=0.0)
-    label_q = tl.load(yq_ptr + rows, mask=row_ok, other=0)
+    label_q = tl.load(yq_ptr + rows64 * syq, mask=row_ok, other=0)
     self_col = rows + offset
 
     run_max = tl.full([BLOCK_M], -1e30, tl.float32)
@@ -65,10 +69,11 @@ def _supcon_fwd_kernel(
     for n0 in range(0, NK, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < NK
+        cols64 = cols.to(tl.int64)
         scale_k = tl.load(rk_ptr + cols, mask=col_ok, other=0.0)
-        label_k = tl.load(yk_ptr + cols, mask=col_ok, other=0)
-        s = _scores(q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, sq0, sq1, sk0, sk1,
-                    BLOCK_M, BLOCK_N, BLOCK_D, IEEE)
+        label_k = tl.load(yk_ptr + cols64 * syk, mask=col_ok, other=0)
+        s = _scores(q_ptr, k_ptr, q_off, cols64 * sk0, row_ok, col_ok, D, sq1, sk1,
+                    BLOCK_M, BLOCK_N, BLOCK_D, DOT)
         s = s * (scale_q[:, None] * scale_k[None, :]) * inv_tau  # symmetric in (i, j), as in backward
         live = col_ok[None, :] & (cols[None, :] != self_col[:, None])
         s_live = tl.where(live, s, float("-inf"))
@@ -100,10 +105,10 @@ def _pair_grad(s, live, pos, lse, n_pos, g):
 @triton.jit
 def _supcon_bwd_kernel(
     x_ptr, y_ptr, rx_ptr, ry_ptr, yx_ptr, yy_ptr, lse_ptr, npos_ptr, g_ptr, out_ptr,
-    NX, NY, D, x_shift, y_shift, sx0, sx1, sy0, sy1, inv_tau,
+    NX, NY, D, x_shift, y_shift, sx0, sx1, sy0, sy1, syx, syy, sg, inv_tau,
     ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-    IEEE: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """``out[x rows, D chunk]`` = gradient w.r.t. the normalised rows of x (fp32, contiguous).
 
@@ -115,8 +120,10 @@ def _supcon_bwd_kernel(
     pid_d = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < NX
+    rows64 = rows.to(tl.int64)
+    x_off = rows64 * sx0
     scale_x = tl.load(rx_ptr + rows, mask=row_ok, other=0.0)
-    label_x = tl.load(yx_ptr + rows, mask=row_ok, other=0)
+    label_x = tl.load(yx_ptr + rows64 * syx, mask=row_ok, other=0)
     self_x = rows + x_shift
     lse_r = tl.zeros([BLOCK_M], tl.float32)
     npos_r = tl.zeros([BLOCK_M], tl.int32)
@@ -124,18 +131,21 @@ def _supcon_bwd_kernel(
     if ROW_TERM:  # the stats are indexed by query, i.e. by x rows only when x are the queries
         lse_r = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         npos_r = tl.load(npos_ptr + rows, mask=row_ok, other=0)
-        g_r = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+        g_r = tl.load(g_ptr + rows64 * sg, mask=row_ok, other=0.0).to(tl.float32)
     d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     d_out_ok = d_out < D
+    d_out64 = d_out.to(tl.int64)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
     for n0 in range(0, NY, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < NY
+        cols64 = cols.to(tl.int64)
+        y_off = cols64 * sy0
         scale_y = tl.load(ry_ptr + cols, mask=col_ok, other=0.0)
-        label_y = tl.load(yy_ptr + cols, mask=col_ok, other=0)
-        s = _scores(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D, sx0, sx1, sy0, sy1,
-                    BLOCK_M, BLOCK_N, BLOCK_D, IEEE)
+        label_y = tl.load(yy_ptr + cols64 * syy, mask=col_ok, other=0)
+        s = _scores(x_ptr, y_ptr, x_off, y_off, row_ok, col_ok, D, sx1, sy1,
+                    BLOCK_M, BLOCK_N, BLOCK_D, DOT)
         s = s * (scale_x[:, None] * scale_y[None, :]) * inv_tau
         live = row_ok[:, None] & col_ok[None, :] & (self_x[:, None] != (cols + y_shift)[None, :])
         pos = live & (label_x[:, None] == label_y[None, :])
@@ -145,16 +155,16 @@ def _supcon_bwd_kernel(
         if COL_TERM:
             lse_c = tl.load(lse_ptr + cols, mask=col_ok, other=0.0)
             npos_c = tl.load(npos_ptr + cols, mask=col_ok, other=0)
-            g_c = tl.load(g_ptr + cols, mask=col_ok, other=0.0)
+            g_c = tl.load(g_ptr + cols64 * sg, mask=col_ok, other=0.0).to(tl.float32)
             grad_s += _pair_grad(s, live, pos, lse_c[None, :], npos_c[None, :], g_c[None, :])
-        y_out = tl.load(y_ptr + cols[:, None] * sy0 + d_out[None, :] * sy1,
-                        mask=col_ok[:, None] & d_out_ok[None, :], other=0.0)
-        weights = grad_s * scale_y[None, :]  # 1/tau applied once at the end (keeps 16-bit weights small)
-        if IEEE:
-            acc = tl.dot(weights.to(y_out.dtype), y_out, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(weights.to(y_out.dtype), y_out, acc)
-    tl.store(out_ptr + rows[:, None] * D + d_out[None, :], acc * inv_tau, mask=row_ok[:, None] & d_out_ok[None, :])
+        # the weights stay fp32 (|g| / N reaches 1e-9, below fp16's smallest subnormal); 16-bit rows are
+        # exact in TF32, so their products take DOT = "tf32"
+        y_out = tl.load(y_ptr + y_off[:, None] + d_out64[None, :] * sy1,
+                        mask=col_ok[:, None] & d_out_ok[None, :], other=0.0).to(tl.float32)
+        weights = grad_s * scale_y[None, :]
+        acc = tl.dot(weights, y_out, acc, input_precision=DOT)
+    tl.store(out_ptr + rows64[:, None] * D + d_out64[None, :], acc * inv_tau,
+             mask=row_ok[:, None] & d_out_ok[None, :])
 
 
 def row_norms(x: torch.Tensor) -> torch.Tensor:
@@ -166,31 +176,51 @@ def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
     return row_norms(x).clamp_min(EPS).reciprocal()
 
 
-def _config(x: torch.Tensor) -> dict:
-    """Tile sizes; fp32 products in full precision unless torch allows TF32 for fp32 matmuls.
+def cuda_config(dtype: torch.dtype, d: int, precision: str, backward: bool = False) -> dict:
+    """Tile sizes of a CUDA launch for rows of width ``d``, ``precision`` from :func:`dot_precision`.
 
-    CUDA sizes keep the sm_90 builds of both kernels free of register spills (checked with Triton 3.6):
-    full-precision fp32 products run on FMA units and need the narrower D chunks.
+    ``BLOCK_M`` queries (or gradient rows) per program against ``BLOCK_N`` keys per step, products
+    accumulated over ``BLOCK_D``-wide slices of D; the backward writes ``BLOCK_DO`` gradient columns
+    per program (all of D up to 256: no score recomputation; else 128-wide chunks, grid axis 1).
+    Sizes keep the sm_90 and sm_80 builds of both kernels free of register spills in every precision
+    (checked by ``python -m cplfast.kernels.audit`` with Triton 3.6 and the newest Triton): fp32
+    products in full precision run on FMA units and need the narrowest D slices.
     """
-    d = triton.next_power_of_2(x.shape[1])
-    if x.device.type != "cuda":  # interpreter
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=max(16, min(d, 128)), IEEE=True)
-    ieee = x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-    chunk = 16 if ieee else 32 if x.dtype == torch.float32 else 64
-    return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=max(16, min(d, chunk)), IEEE=ieee, num_warps=8)
+    p2 = triton.next_power_of_2(d)
+    if dtype != torch.float32:
+        chunk = 64
+    else:
+        chunk = {"ieee": 16, "tf32x3": 32, "tf32": 32}[precision]
+    cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=max(16, min(p2, chunk)), num_warps=8)
+    if backward or (precision == "tf32x3" and dtype == torch.float32):
+        # the backward also holds a (BLOCK_M, BLOCK_DO) fp32 accumulator; tf32x3 splits operands in hi/lo
+        cfg["BLOCK_M"] = 32
+    if backward:
+        cfg["BLOCK_DO"] = max(16, p2 if p2 <= 256 else 128)
+        if dtype == torch.float32:  # fp32 (BLOCK_N, BLOCK_DO) rows for the gradient product
+            cfg["BLOCK_N"] = 16
+            cfg["num_stages"] = 2  # three stages of prefetched fp32 rows spill at D = 300
+    return cfg
 
 
-def _output_block(x: torch.Tensor) -> int:
-    """Gradient columns per program: all of D up to 256 (no score recomputation), else 128-wide chunks."""
-    d = triton.next_power_of_2(x.shape[1])
-    return max(16, d if d <= 256 else 128)
+def _config(x: torch.Tensor, backward: bool = False) -> dict:
+    """Tile sizes for rows ``x``: :func:`cuda_config` on CUDA; few, large programs under the interpreter."""
+    if x.device.type == "cuda":
+        return cuda_config(x.dtype, x.shape[1], dot_precision(x.dtype, x.device), backward)
+    p2 = triton.next_power_of_2(x.shape[1])
+    cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=max(16, min(p2, 128)))
+    if backward:
+        cfg["BLOCK_DO"] = max(16, p2)
+    return cfg
 
 
 def supcon_forward(
     q: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor | None, key_labels: torch.Tensor | None,
     offset: int, temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-query ``(loss fp32 (N,), lse fp32 (N,), n_pos int32 (N,))``; ``keys=None`` means keys = q."""
+    """Per-query ``(loss fp32 (N,), lse fp32 (N,), n_pos int32 (N,))``; ``keys=None`` means keys = q.
+
+    One launch, grid ``(cdiv(N, BLOCK_M),)``."""
     if keys is None:
         keys, key_labels, offset = q, labels, 0
     n = q.shape[0]
@@ -201,50 +231,53 @@ def supcon_forward(
     inv_q = _inverse_norms(q)
     inv_k = inv_q if keys is q else _inverse_norms(keys)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
-    _supcon_fwd_kernel[grid](
-        q, keys, inv_q, inv_k, labels, key_labels, loss, lse, n_pos,
-        n, keys.shape[0], q.shape[1], offset, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
-        1.0 / temperature, **cfg,
-    )
+    with device_guard(q.device):
+        _supcon_fwd_kernel[grid](
+            q, keys, inv_q, inv_k, labels, key_labels, loss, lse, n_pos,
+            n, keys.shape[0], q.shape[1], offset, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
+            labels.stride(0), key_labels.stride(0), 1.0 / temperature, DOT=dot_precision(q.dtype, q.device), **cfg,
+        )
     return loss, lse, n_pos
 
 
 def _normalized_grad(x, inv_x, labels_x, y, inv_y, labels_y, x_shift, y_shift, lse, n_pos, grad, temperature,
                      row_term, col_term):
     n, d = x.shape
-    cfg = _config(x)
-    block_do = _output_block(x)
+    cfg = _config(x, backward=True)
     out = torch.empty((n, d), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, block_do))
-    _supcon_bwd_kernel[grid](
-        x, y, inv_x, inv_y, labels_x, labels_y, lse, n_pos, grad, out,
-        n, y.shape[0], d, x_shift, y_shift, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        1.0 / temperature, ROW_TERM=row_term, COL_TERM=col_term, BLOCK_DO=block_do, **cfg,
-    )
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
+    with device_guard(x.device):
+        _supcon_bwd_kernel[grid](
+            x, y, inv_x, inv_y, labels_x, labels_y, lse, n_pos, grad, out,
+            n, y.shape[0], d, x_shift, y_shift, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            labels_x.stride(0), labels_y.stride(0), grad.stride(0), 1.0 / temperature,
+            ROW_TERM=row_term, COL_TERM=col_term, DOT=dot_precision(x.dtype, x.device), **cfg,
+        )
     return out
 
 
 def normalize_backward(x: torch.Tensor, grad_normalized: torch.Tensor) -> torch.Tensor:
     """Gradient w.r.t. ``x`` of ``x / max(|x|, eps)`` (rows) given the gradient w.r.t. the result.
 
-    ``dx = (G - [|x| > eps] x^ (x^ . G)) / max(|x|, eps)``; returned contiguous, in x's dtype.
+    ``dx = (G - [|x| > eps] x^ (x^ . G)) / max(|x|, eps)``, in x's dtype.
     """
-    norm = row_norms(x)[:, None]
+    norm = row_norms(x).unsqueeze(1)
     inv = norm.clamp_min(EPS).reciprocal()
-    unit = x.float() * inv
+    unit = x.to(torch.float32) * inv
     radial = (unit * grad_normalized).sum(dim=1, keepdim=True) * (norm > EPS)
-    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    out.copy_(inv * (grad_normalized - unit * radial))
-    return out
+    return (inv * (grad_normalized - unit * radial)).to(x.dtype)
 
 
 def supcon_backward(
     grad: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor | None,
     key_labels: torch.Tensor | None, offset: int, temperature: float, lse: torch.Tensor, n_pos: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gradients ``(dq, dkeys)`` from the per-query upstream gradient ``grad`` (N,); ``dkeys`` is None
-    when ``keys`` is None (the keys are q and both terms are in ``dq``)."""
-    grad = grad.to(torch.float32).contiguous()
+    """Gradients ``(dq, dkeys)`` from the per-query upstream gradient ``grad`` (N,) (any stride, 0 included);
+    ``dkeys`` is None when ``keys`` is None (the keys are q and both terms are in ``dq``).
+
+    One launch (keys = q) or two (gathered keys: the query rows, then the key rows), grid
+    ``(cdiv(rows, BLOCK_M), cdiv(D, BLOCK_DO))``; the normalisation Jacobian is applied with torch ops.
+    """
     inv_q = _inverse_norms(q)
     if keys is None:
         g = _normalized_grad(q, inv_q, labels, q, inv_q, labels, 0, 0, lse, n_pos, grad, temperature, True, True)
@@ -262,9 +295,9 @@ def audit_cases(dtype: torch.dtype):
     D = 64…1024) for the compile audit (``cplfast.kernels.audit``)."""
     from .audit import AuditCase, fake
 
-    def case(n, d, *, ranks=1):
+    def case(n, d, *, ranks=1, order=None):
         def run():
-            q, labels = fake((n, d), dtype), fake((n,), torch.int64)
+            q, labels = fake((n, d), dtype, order), fake((n,), torch.int64)
             keys = key_labels = None
             offset = 0
             if ranks > 1:
@@ -276,5 +309,6 @@ def audit_cases(dtype: torch.dtype):
     yield AuditCase("N=16384 D=256", case(16384, 256), quick=True)
     yield AuditCase("N=131072 D=256", case(131072, 256))
     yield AuditCase("N=2048 D=256 keys from 64 ranks", case(2048, 256, ranks=64), quick=True)
-    for d in (64, 128, 512, 1024):
+    for d in (64, 128, 300, 512, 1024):
         yield AuditCase(f"N=4096 D={d}", case(4096, d))
+    yield AuditCase("N=4096 D=256 column-major z", case(4096, 256, order=(1, 0)))

@@ -5,12 +5,15 @@ kernels (interpreter on CPU, compiled on CUDA) against the reference in float64.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,13 +23,12 @@ from cplfast import functional, reference
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _gloo import init_gloo, spawn_two_ranks  # noqa: E402
-from _sm90 import build_for_sm90  # noqa: E402
 from cplfast.kernels import supcon as kernels
 from cplfast.ops import supcon as ops
 from cplfast.reference.supcon import supcon_rows
 
 HAS_CUDA = torch.cuda.is_available()
-FWD_TOL, GRAD_TOL = 2e-5, 2e-3
+FWD_TOL, GRAD_TOL = 1e-6, 1e-5  # fp32 kernels against the float64 oracle, element-wise (see max_err)
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -34,6 +36,15 @@ def rel(x: torch.Tensor, y: torch.Tensor) -> float:
     """Norm-based relative error of x against y (both moved to float64)."""
     x, y = x.detach().double().cpu(), y.detach().double().cpu()
     return ((x - y).norm() / y.norm()).item() if y.norm() > 0 else x.norm().item()
+
+
+def max_err(got: torch.Tensor, want: torch.Tensor, floor: float = 1e-30) -> float:
+    """Element-wise error: ``max |got - want| / max(max |want|, floor)`` in float64 (shapes must match)."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    assert got.shape == want.shape, (got.shape, want.shape)
+    if got.numel() == 0:
+        return 0.0
+    return ((got - want).abs().max() / max(want.abs().max().item(), floor)).item()
 
 
 def supcon_loops(z, labels, tau, reduction):
@@ -86,11 +97,10 @@ def check_against_reference(z, labels, reduction, tau=0.1, fwd_tol=FWD_TOL, grad
     out, grad = run_with_grad(ops.supcon, z, labels, tau, reduction)
     ref_out, ref_grad = run_with_grad(reference.supcon, z.double().cpu(), labels.cpu(), tau, reduction)
     assert out.shape == ref_out.shape and out.dtype == z.dtype
-    assert rel(out, ref_out) <= fwd_tol, rel(out, ref_out)
+    # floors: a batch without positives has loss 0 and gradient 0 on both sides
+    assert max_err(out, ref_out, floor=1e-3) <= fwd_tol, max_err(out, ref_out)
     assert torch.isfinite(grad).all() and grad.shape == z.shape
-    # absolute floor: with D = 1 every gradient is radial and vanishes (both sides are rounding noise)
-    err = (grad.detach().double().cpu() - ref_grad).norm().item()
-    assert err <= grad_tol * ref_grad.norm().item() + 1e-6, rel(grad, ref_grad)
+    assert max_err(grad, ref_grad, floor=1e-6) <= grad_tol, max_err(grad, ref_grad)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -104,7 +114,12 @@ def test_reference_matches_loops(kind):
     tau = float(torch.empty(()).uniform_(0.05, 1.0))
     for reduction in REDUCTIONS:
         got = reference.supcon(z, labels, temperature=tau, reduction=reduction)
-        assert rel(got, supcon_loops(z, labels, tau, reduction)) < 1e-12 or got.abs().max() == 0
+        want = supcon_loops(z, labels, tau, reduction)
+        if kind == "distinct":  # no row has a positive: exactly 0, and not by accident
+            assert want.abs().max() == 0
+        else:
+            assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_reference_gradcheck():
@@ -162,6 +177,7 @@ def test_invariant_to_row_scaling(backend):
         (lambda z, y: functional.supcon(z, y[:, None]), ValueError, "labels"),
         (lambda z, y: functional.supcon(z.long(), y), TypeError, "z"),
         (lambda z, y: functional.supcon(z[:0], y[:0]), ValueError, "z"),
+        (lambda z, y: functional.supcon(z[:1], y[:1]), ValueError, "z"),  # N = 1: no pair at all
         (lambda z, y: functional.supcon(z, y, temperature=0), ValueError, "temperature"),
         (lambda z, y: functional.supcon(z, y, temperature=-1.0), ValueError, "temperature"),
         (lambda z, y: functional.supcon(z, y, temperature=float("nan")), ValueError, "temperature"),
@@ -200,12 +216,22 @@ def test_kernel_strided_embeddings():
         check_against_reference(z, make_labels(37, "random"), "mean")
 
 
-@pytest.mark.parametrize("n,d", [(1, 5), (3, 2), (21, 300)])
+@pytest.mark.parametrize("n,d", [(3, 2), (21, 300)])
 def test_kernel_edge_sizes(n, d):
-    """A single row (no keys at all), three rows in 2-D, and D above one gradient tile (three chunks)."""
+    """Three rows in 2-D, and D = 300 (three of the interpreter's 128-wide D slices)."""
     labels = torch.zeros(n, dtype=torch.int64)
     check_against_reference(torch.randn(n, d), labels, "sum")
     check_against_reference(torch.randn(n, d), make_labels(n, "random") if n > 2 else labels, "none")
+
+
+def test_kernel_single_row_has_no_keys():
+    """N = 1 at the kernel level: no key at all, so no positive; the row's loss and gradient are 0
+    (the reference's masked log-sum-exp is -inf there, and -inf * 0 is NaN)."""
+    z = torch.randn(1, 5, requires_grad=True)
+    for reduction in REDUCTIONS:
+        out = ops.supcon(z, torch.zeros(1, dtype=torch.int64), temperature=0.1, reduction=reduction, gather=False)
+        (grad,) = torch.autograd.grad(out.sum(), z)
+        assert torch.equal(out, torch.zeros_like(out)) and torch.equal(grad, torch.zeros_like(z))
 
 
 def test_kernel_one_wide_embeddings():
@@ -213,13 +239,164 @@ def test_kernel_one_wide_embeddings():
     z = torch.randn(37, 1)
     labels = make_labels(37, "random")
     out, grad = run_with_grad(ops.supcon, z, labels, 0.1, "none")
-    assert rel(out, reference.supcon(z.double(), labels, reduction="none")) <= FWD_TOL
+    assert max_err(out, reference.supcon(z.double(), labels, reduction="none")) <= FWD_TOL
     assert (grad.abs() * z.abs() <= 1e-4).all()  # cancellation noise scales with 1/|z|
 
 
 def test_kernel_small_temperature_stays_finite():
     z, labels = torch.randn(37, 12), make_labels(37, "random")
     check_against_reference(z, labels, "mean", tau=0.005)
+
+
+@pytest.mark.parametrize("tau", [0.01, 0.005])
+def test_kernel_large_logits(tau):
+    """|S| up to 1/tau = 100…200: the online max keeps exp finite and the result element-wise accurate."""
+    z, labels = torch.randn(37, 12), make_labels(37, "random")
+    for reduction in ("none", "mean"):
+        check_against_reference(z, labels, reduction, tau=tau)
+
+
+def test_kernel_one_dominating_term():
+    """Rows whose log-sum-exp is one key (a near-duplicate with another label): lse ~ that score."""
+    z, labels = torch.randn(37, 12), make_labels(37, "random")
+    z[1::2] = z[0:-1:2] + 1e-3 * torch.randn(18, 12)  # row 2i+1 duplicates row 2i ...
+    labels[1::2] = labels[0:-1:2] + 1000  # ... under another label
+    for reduction in ("none", "sum"):
+        check_against_reference(z, labels, reduction, tau=0.05)
+
+
+def test_kernel_strided_labels():
+    """Labels read through their stride (a column of a 2-D tensor)."""
+    z = torch.randn(40, 12)
+    labels = torch.randint(0, 3, (40, 2))[:, 0]
+    assert labels.stride(0) == 2
+    for reduction in ("none", "mean"):
+        check_against_reference(z, labels, reduction)
+
+
+def check_gathered(q, labels, other, other_labels, before, tau, key_labels=None):
+    """Queries ``q`` against keys ``[other[:before], q, other[before:]]`` through the custom op: rows and
+    the gradients of q and of the other ranks' rows against the float64 oracle."""
+    q = q.detach().requires_grad_(True)
+    other = other.detach().requires_grad_(True)
+    keys = torch.cat([other[:before], q, other[before:]])
+    if key_labels is None:
+        key_labels = torch.cat([other_labels[:before], labels, other_labels[before:]])
+    rows, _, n_pos = ops.supcon_forward(q, labels, keys, key_labels, before, tau)
+    upstream = torch.randn(q.shape[0])
+    grads = torch.autograd.grad(rows, (q, other), upstream)
+
+    q64, o64 = q.detach().double().requires_grad_(True), other.detach().double().requires_grad_(True)
+    keys64 = F.normalize(torch.cat([o64[:before], q64, o64[before:]]), dim=1)
+    ref_rows, ref_npos = supcon_rows(F.normalize(q64, dim=1), labels, keys64, key_labels,
+                                     torch.arange(q.shape[0]) + before, tau)
+    ref_grads = torch.autograd.grad(ref_rows, (q64, o64), upstream.double())
+    assert torch.equal(n_pos.long(), ref_npos)
+    assert max_err(rows, ref_rows) <= FWD_TOL, max_err(rows, ref_rows)
+    for g, r in zip(grads, ref_grads):
+        assert max_err(g, r) <= GRAD_TOL, max_err(g, r)
+
+
+def test_kernel_gather_strided_key_labels():
+    q, labels = torch.randn(37, 12), torch.randint(0, 4, (37, 3))[:, 1]
+    other, other_labels = torch.randn(20, 12), torch.randint(0, 4, (20,))
+    key_labels = torch.stack([torch.cat([other_labels[:8], labels, other_labels[8:]]), -torch.ones(57, dtype=torch.long)],
+                             dim=1)[:, 0]  # every other element is -1: a contiguous read would see no positives
+    assert key_labels.stride(0) == 2 and labels.stride(0) == 3
+    check_gathered(q, labels, other, other_labels, 8, 0.2, key_labels=key_labels)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch plans: every tile setting a GPU uses, reached under the interpreter
+
+SMALL_PLAN = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16)
+
+
+def plan_from(sizes):
+    def plan(x, backward=False):
+        cfg = dict(sizes)
+        if not backward:
+            cfg.pop("BLOCK_DO", None)
+        return cfg
+    return plan
+
+
+def cuda_plan(dtype, precision):
+    """The tile sizes the launchers pick on CUDA (the interpreter still takes ieee products)."""
+    def plan(x, backward=False):
+        return kernels.cuda_config(dtype, x.shape[1], precision, backward)
+    return plan
+
+
+PLANS = {
+    "small": plan_from(dict(SMALL_PLAN, BLOCK_DO=16)),
+    "cuda-fp32-ieee": cuda_plan(torch.float32, "ieee"),
+    "cuda-fp32-tf32x3": cuda_plan(torch.float32, "tf32x3"),
+    "cuda-fp32-tf32": cuda_plan(torch.float32, "tf32"),
+    "cuda-16bit": cuda_plan(torch.float16, "tf32"),
+}
+
+
+def assert_plan_tiles_several_blocks(plan, n, d):
+    """The plan splits queries, keys, D (products) and D (gradient columns) into several blocks each."""
+    fwd, bwd = plan(torch.empty(n, d)), plan(torch.empty(n, d), backward=True)
+    for cfg in (fwd, bwd):
+        assert triton.cdiv(n, cfg["BLOCK_M"]) >= 2 and triton.cdiv(n, cfg["BLOCK_N"]) >= 2
+        assert triton.cdiv(d, cfg["BLOCK_D"]) >= 2
+    assert triton.cdiv(d, bwd["BLOCK_DO"]) >= 2
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_kernel_launch_plans(name, monkeypatch):
+    """Several query / key blocks with partial last blocks, several D slices and gradient-column chunks
+    (BLOCK_DO < D), for keys = queries and for gathered keys with an offset."""
+    plan = PLANS[name]
+    n, d = (37, 40) if name == "small" else (66, 260)
+    assert_plan_tiles_several_blocks(plan, n, d)
+    monkeypatch.setattr(kernels, "_config", plan)
+    z, labels = torch.randn(n, d), make_labels(n, "random")
+    check_against_reference(z, labels, "none", tau=0.1)
+    check_gathered(z, labels, torch.randn(7, d), torch.randint(0, 4, (7,)), 3, 0.1)
+
+
+def check_fp16(n, tau, upstream_scale, monkeypatch):
+    """fp16 rows, fp16 loss and gradient against the float64 oracle on the same (fp16-exact) inputs."""
+    monkeypatch.setattr(kernels, "_config", plan_from(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=16, BLOCK_DO=16)))
+    z, labels = torch.randn(n, 8).half(), torch.randint(0, 16, (n,))
+    zz = z.detach().requires_grad_(True)
+    out = ops.supcon(zz, labels, temperature=tau, reduction="mean")
+    (grad,) = torch.autograd.grad(out, zz, torch.tensor(upstream_scale, dtype=torch.float16))
+    z64 = z.double().requires_grad_(True)
+    ref_out = reference.supcon(z64, labels, temperature=tau, reduction="mean")
+    (ref_grad,) = torch.autograd.grad(ref_out, z64, torch.tensor(upstream_scale, dtype=torch.float64))
+    assert out.dtype == grad.dtype == torch.float16
+    assert max_err(out, ref_out) <= 1e-3, max_err(out, ref_out)  # the fp16 rounding of the loss
+    assert max_err(grad, ref_grad) <= 3e-3, max_err(grad, ref_grad)
+
+
+def test_kernel_fp16_small_weights():
+    """fp16 rows: the backward's per-pair weights g p_ij (here ~1e-8) lie below fp16's smallest subnormal,
+    so they must stay fp32 until the product. Checked on the kernel's fp32 output (the gradient with
+    respect to the normalised rows) against the float64 oracle."""
+    n, tau = 256, 0.1
+    z, labels = torch.randn(n, 8).half(), torch.randint(0, 4, (n,))
+    upstream = torch.rand(n) * 1e-5 + 1e-5
+    _, lse, n_pos = kernels.supcon_forward(z, labels, None, None, 0, tau)
+    inv = kernels._inverse_norms(z)
+    got = kernels._normalized_grad(z, inv, labels, z, inv, labels, 0, 0, lse, n_pos, upstream, tau, True, True)
+
+    zn = torch.nn.functional.normalize(z.double(), dim=1).requires_grad_(True)
+    rows, _ = supcon_rows(zn, labels, zn, labels, torch.arange(n), tau)
+    (want,) = torch.autograd.grad(rows, zn, upstream.double())
+    assert got.dtype == torch.float32
+    assert max_err(got, want) <= 1e-5, max_err(got, want)
+
+
+@pytest.mark.slow
+def test_kernel_fp16_at_4096_rows(monkeypatch):
+    """fp16 at N = 4,096 with the plain mean: weights ~1e-9…1e-7 (large tiles keep the interpreter fast;
+    the precision path does not depend on them)."""
+    check_fp16(4096, 0.1, 1.0, monkeypatch)
 
 
 def simulated_gather(other, other_labels, before):
@@ -244,26 +421,12 @@ def test_kernel_gather_keys_other_than_queries(reduction, monkeypatch):
 
     monkeypatch.setattr(cplfast.distributed, "gather_keys", simulated_gather(other.double(), other_labels, 8))
     ref_out, ref_grad = run_with_grad(reference.supcon, z.double(), labels, 0.2, reduction, gather=True)
-    assert rel(out, ref_out) <= FWD_TOL and rel(grad, ref_grad) <= GRAD_TOL
+    assert max_err(out, ref_out) <= FWD_TOL and max_err(grad, ref_grad) <= GRAD_TOL
 
 
 def test_kernel_gather_gradient_reaches_key_owners():
-    q, labels = torch.randn(37, 12, requires_grad=True), make_labels(37, "random")
-    other = torch.randn(20, 12, requires_grad=True)
-    other_labels = torch.randint(0, 4, (20,))
-    keys = torch.cat([other[:8], q, other[8:]])
-    key_labels = torch.cat([other_labels[:8], labels, other_labels[8:]])
-    rows, _, _ = ops.supcon_forward(q, labels, keys, key_labels, 8, 0.2)
-    upstream = torch.randn(37)
-    grads = torch.autograd.grad(rows, (q, other), upstream)
-
-    q64, o64 = q.detach().double().requires_grad_(True), other.detach().double().requires_grad_(True)
-    keys64 = F.normalize(torch.cat([o64[:8], q64, o64[8:]]), dim=1)
-    ref_rows, _ = supcon_rows(F.normalize(q64, dim=1), labels, keys64, key_labels, torch.arange(37) + 8, 0.2)
-    ref_grads = torch.autograd.grad(ref_rows, (q64, o64), upstream.double())
-    assert rel(rows, ref_rows) <= FWD_TOL
-    for g, r in zip(grads, ref_grads):
-        assert rel(g, r) <= GRAD_TOL
+    check_gathered(torch.randn(37, 12), make_labels(37, "random"), torch.randn(20, 12), torch.randint(0, 4, (20,)), 8,
+                   0.2)
 
 
 def _triton_rank(rank, world, port, sizes, z, labels, queue):
@@ -294,8 +457,8 @@ def test_kernel_gather_across_two_gloo_ranks():
     z64 = z.double().requires_grad_()
     ref_loss = reference.supcon(z64, labels, reduction="sum")
     ref_loss.backward()
-    assert rel(torch.tensor(sum(r[1] for r in results)), ref_loss) <= FWD_TOL
-    assert rel(torch.tensor([row for r in results for row in r[2]]), z64.grad) <= GRAD_TOL
+    assert max_err(torch.tensor(sum(r[1] for r in results)), ref_loss) <= FWD_TOL
+    assert max_err(torch.tensor([row for r in results for row in r[2]]), z64.grad) <= GRAD_TOL
 
 
 def test_gather_without_process_group_is_plain():
@@ -313,7 +476,7 @@ def test_functional_dispatches_to_kernel(monkeypatch):
     with cplfast.use_backend("triton"):
         out = functional.supcon(z, labels, temperature=0.3, reduction="sum")
     assert called == [dict(temperature=0.3, reduction="sum", gather=False)]
-    assert rel(out, reference.supcon(z, labels, temperature=0.3, reduction="sum")) < FWD_TOL
+    assert max_err(out, reference.supcon(z.double(), labels, temperature=0.3, reduction="sum")) < FWD_TOL
 
 
 @pytest.fixture
@@ -338,7 +501,7 @@ def test_launchers_overwrite_poisoned_outputs(poisoned_allocations):
         assert torch.isfinite(dz).all() and (dk is None or torch.isfinite(dk).all())
     ref_rows, ref_npos = supcon_rows(F.normalize(z.double(), dim=1), labels, F.normalize(keys.double(), dim=1),
                                      key_labels, torch.arange(37) + 5, 0.1)
-    assert rel(loss, ref_rows) <= FWD_TOL and torch.equal(n_pos.long(), ref_npos)
+    assert max_err(loss, ref_rows) <= FWD_TOL and torch.equal(n_pos.long(), ref_npos)
 
 
 @settings(max_examples=8, deadline=None)
@@ -348,7 +511,7 @@ def test_kernel_hypothesis_shapes(n, d, classes, tau, reduction, seed):
     torch.manual_seed(seed)
     z, labels = torch.randn(n, d), torch.randint(0, classes, (n,))
     out = ops.supcon(z, labels, temperature=tau, reduction=reduction, gather=False)
-    assert rel(out, supcon_loops(z, labels, tau, reduction)) <= FWD_TOL
+    assert max_err(out, supcon_loops(z, labels, tau, reduction), floor=1e-3) <= FWD_TOL
     check_against_reference(z, labels, reduction, tau=tau)
 
 
@@ -376,9 +539,10 @@ def test_compile_fullgraph(monkeypatch):
     with cplfast.use_backend("triton"):
         loss = torch.compile(routing_contrast, fullgraph=True, backend=backend)(z, labels)
     (grad,) = torch.autograd.grad(loss, z)
-    ref = 0.5 * reference.supcon(z.double(), labels)
-    (ref_grad,) = torch.autograd.grad(ref, z)
-    assert rel(loss, ref) < FWD_TOL and rel(grad, ref_grad) < GRAD_TOL
+    z64 = z.detach().double().requires_grad_(True)
+    ref = 0.5 * reference.supcon(z64, labels)
+    (ref_grad,) = torch.autograd.grad(ref, z64)
+    assert max_err(loss, ref) < FWD_TOL and max_err(grad, ref_grad) < GRAD_TOL
     assert launches, "the compiled function did not run the Triton kernel"
 
 
@@ -421,25 +585,15 @@ def test_cuda_runs_at_131k_rows_in_linear_memory():
 
 
 # ----------------------------------------------------------------------------------------------------
-# sm_90 builds without a GPU: the compiled path the interpreter cannot check (globals, types, resources)
+# sm_90 / sm_80 builds without a GPU: the compiled path the interpreter cannot check (types, resources)
+
 
 @pytest.mark.slow
-def test_kernels_build_for_sm90():
-    build_for_sm90("""
-        from cplfast.kernels import supcon as k
-        for dt, dtype, d, labels in (("fp32", torch.float32, 256, "*i64"), ("bf16", torch.bfloat16, 300, "*i32"),
-                                     ("fp16", torch.float16, 12, "*u8")):
-            x = FakeCuda((1000, d), dtype=dtype)
-            cfg = k._config(x)
-            warps = cfg.pop("num_warps")
-            p = "*" + dt
-            build(k._supcon_fwd_kernel, dict(q_ptr=p, k_ptr=p, rq_ptr="*fp32", rk_ptr="*fp32", yq_ptr=labels,
-                                             yk_ptr=labels, loss_ptr="*fp32", lse_ptr="*fp32", npos_ptr="*i32",
-                                             inv_tau="fp32"), cfg, warps, ["sq1", "sk1"])
-            bwd_types = dict(x_ptr=p, y_ptr=p, rx_ptr="*fp32", ry_ptr="*fp32", yx_ptr=labels, yy_ptr=labels,
-                             lse_ptr="*fp32", npos_ptr="*i32", g_ptr="*fp32", out_ptr="*fp32", inv_tau="fp32")
-            terms = ((True, True), (True, False), (False, True)) if dt == "fp32" else ((True, True),)
-            for row, col in terms:
-                build(k._supcon_bwd_kernel, bwd_types,
-                      dict(ROW_TERM=row, COL_TERM=col, BLOCK_DO=k._output_block(x), **cfg), warps, ["sx1", "sy1"])
-    """)
+def test_kernels_pass_compile_audit():
+    """The quick subset of the compile audit: every launch the launchers make at the audited shapes
+    compiles for sm_90 and sm_80 in every precision, within the block limits and without register spills."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "cplfast.kernels.audit", "--ops", "supcon", "--quick", "--jobs", "2"],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
