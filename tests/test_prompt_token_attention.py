@@ -383,3 +383,21 @@ def test_launchers_refuse_head_dimension_strides_past_32_bits():
             kernels.token_attention_forward(q, k, v, 0.5)
         with pytest.raises(ValueError, match="head dimension stride"):
             kernels.token_attention_backward(q, q, k, v, 0.5)
+
+
+
+def test_triton_token_strides_of_fused_projections():
+    """k and v as a fused key/value projection leaves them ((B, M, 2*h*d) split and viewed (B, h, M, d):
+    token stride 2*h*d, not d), and a v stored channels-first (token stride 1): both kernels must step the
+    tokens of k and of v by their own stride (a v read with k's layout or with stride d fails here)."""
+    b, h, m, d, length = 2, 3, 5, 24, 37
+    q = torch.randn(b, h, length, d)
+    kv = torch.randn(b, m, 2 * h * d)
+    k, v = (t.view(b, m, h, d).transpose(1, 2) for t in kv.chunk(2, dim=-1))
+    assert k.stride(2) == v.stride(2) == 2 * h * d
+    assert_close(triton_vs_reference(q, k, v))
+    v_channels_first = torch.randn(b, h, d, m).transpose(-1, -2)
+    assert v_channels_first.stride(2) == 1
+    assert_close(triton_vs_reference(q, k, v_channels_first))
+    fwd, bwd = cuda_plans(length, b * h, m, d, sms=4)
+    assert_close(triton_vs_reference(q, k, v_channels_first, fwd_plan=fwd, bwd_plan=bwd))
