@@ -40,6 +40,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_LINKS = {"cplfast/kernels": "../kernels", "cplfast/export": "../export"}  # pyproject's package-dir
+PLUGIN = "_mutation_check_plugin"
+# Loaded with -p in every run: a failing Hypothesis test is not shrunk (under the interpreter shrinking
+# takes minutes) and no example database carries failures from one mutant's run into another's.
+PLUGIN_SOURCE = """\
+try:
+    from hypothesis import Phase, settings
+except ImportError:
+    pass
+else:
+    settings.register_profile("mutation_check", database=None, phases=[Phase.explicit, Phase.generate])
+    settings.load_profile("mutation_check")
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,15 +95,15 @@ MUTANTS: list[Mutant] = [
     M("sp_router_first_split_only", SP,
       "        for s in range(SPLIT):\n            emb += tl.load(part_ptr",
       "        for s in range(1):\n            emb += tl.load(part_ptr",
-      T_SP, "router sums only the first spatial split's GAP partial", keyword="kernel"),
+      T_SP, "router sums only the first spatial split's GAP partial", keyword="cuda_plan or forced"),
     M("sp_topk_tie_higher_index", SP,
-      "first = tl.min(tl.where(cand == best, n, 2**30), axis=0)",
-      "first = tl.max(tl.where(cand == best, n, -1), axis=0)",
-      T_SP, "top-k (k <= N/2) breaks ties to the higher index", keyword="kernel"),
+      'rank = tl.where(select, n, BLOCK_N - n)',
+      'rank = tl.where(select, BLOCK_N - n, BLOCK_N - n)',
+      T_SP, "top-k (k <= N/2) breaks ties to the higher index", keyword="ties"),
     M("sp_topk_drop_tie_lower_index", SP,
-      "last = tl.max(tl.where(cand == worst, n, -1), axis=0)",
-      "last = tl.min(tl.where(cand == worst, n, 2**30), axis=0)",
-      T_SP, "top-k (k > N/2) drops the lower index of tied smallest weights", keyword="kernel"),
+      'rank = tl.where(select, n, BLOCK_N - n)',
+      'rank = tl.where(select, n, n)',
+      T_SP, "top-k (k > N/2) drops the lower index of tied smallest weights", keyword="ties"),
     M("sp_gap_mask_le", SP,
       "mask = c_ok[:, None] & (hw < HW)[None, :]",
       "mask = c_ok[:, None] & (hw <= HW)[None, :]",
@@ -103,20 +115,20 @@ MUTANTS: list[Mutant] = [
     M("sp_softmax_no_max", SP,
       "e = tl.where(n_ok, tl.exp(z - tl.max(z, axis=0)), 0.0)",
       "e = tl.where(n_ok, tl.exp(z), 0.0)",
-      T_SP, "router softmax without the max subtraction (overflows for large logits)", keyword="kernel"),
+      T_SP, "router softmax without the max subtraction (overflows for large logits)", keyword="large_logits"),
     M("sp_fwd_renorm_dropped", SP,
-      "        if RENORM:\n            w = w / tl.sum(w, axis=0)",
-      "        if RENORM:\n            w = w",
+      '        if RENORM:\n            w = tl.fdiv(w, tl.sum(w, axis=0))',
+      '        if RENORM:\n            w = w',
       T_SP, "forward forgets the renormalisation of the kept weights", keyword="kernel"),
     M("sp_bwd_renorm_term_dropped", SP,
-      "dp = tl.where(keep, (dw - tl.sum(dw * w, axis=0)) / kept_mass, 0.0)",
-      "dp = tl.where(keep, dw / kept_mass, 0.0)",
+      'dp = tl.where(keep, tl.fdiv(dw - tl.sum(dw * w, axis=0), kept_mass), 0.0)',
+      'dp = tl.where(keep, tl.fdiv(dw, kept_mass), 0.0)',
       T_SP, "renorm backward drops the `- sum(dw * w)` term", keyword="kernel"),
     M("sp_bwd_router_partials_first_block", SP,
       "for p0 in range(0, PARTS, BLOCK_P):",
       "for p0 in range(0, BLOCK_P, BLOCK_P):",
       T_SP, "router-grad reduces only the first block of dL/dw partials (drops the other splits')",
-      keyword="kernel"),
+      keyword="forced or cuda_plan"),
     M("sp_bwd_dmix_reads_unwritten_slot", SP,
       "mask=(b < tl.where(j > 0, B, 0))[:, None]",
       "mask=(b < tl.where(j >= 0, B, 0))[:, None]",
@@ -126,14 +138,14 @@ MUTANTS: list[Mutant] = [
       "ah = tl.where(oh <= OH, _tap_weight(oh, ih, scale_h, SH), 0.0)",
       T_SP, "transposed resize reads one output row past the edge (`<` -> `<=`)", keyword="kernel"),
     M("sp_bwd_no_temperature", SP,
-      "dlogits = tl.where(n_ok, p * (dp - tl.sum(p * dp, axis=0)) / temperature, 0.0)",
-      "dlogits = tl.where(n_ok, p * (dp - tl.sum(p * dp, axis=0)), 0.0)",
+      'dlogits = tl.where(n_ok, tl.fdiv(p * (dp - tl.sum(p * dp, axis=0)), temperature), 0.0)',
+      'dlogits = tl.where(n_ok, p * (dp - tl.sum(p * dp, axis=0)), 0.0)',
       T_SP, "softmax backward forgets the 1/temperature", keyword="kernel"),
     # ------------------------------------------------------------------ prompt-token attention kernel
     M("ta_softmax_no_max", TA,
       "expd = tl.exp2((raw - tl.max(raw, axis=1)[:, None]) * qk_scale)",
       "expd = tl.exp2(raw * qk_scale)",
-      T_TA, "softmax without the max subtraction (overflows for large logits)", keyword="triton"),
+      T_TA, "softmax without the max subtraction (overflows for large logits)", keyword="large_logits"),
     M("ta_bwd_rowsum_dropped", TA,
       "return probs, probs * (dprobs - tl.sum(probs * dprobs, axis=1)[:, None])",
       "return probs, probs * dprobs",
@@ -141,11 +153,11 @@ MUTANTS: list[Mutant] = [
     M("ta_sum_partials_first_split", TA,
       "    for s in range(0, splits):\n        acc += tl.load(src + s * size",
       "    for s in range(0, 1):\n        acc += tl.load(src + s * size",
-      T_TA, "dk/dv: only the first split's partial is summed", keyword="triton"),
-    M("ta_bwd_pixel_mask_le", TA,
-      "        pix_ok = pix < L\n        q_rows = q_base + pix * sq_l",
-      "        pix_ok = pix <= L\n        q_rows = q_base + pix * sq_l",
-      T_TA, "backward pixel mask off by one at the last block (`<` -> `<=`)", keyword="triton"),
+      T_TA, "dk/dv: only the first split's partial is summed", keyword="split_reductions or cuda_plans"),
+    M("ta_padded_tokens_in_softmax", TA,
+      "raw = tl.where(tok_ok[None, :], raw, float(\"-inf\"))",
+      "raw = tl.where(tok_ok[None, :] | True, raw, float(\"-inf\"))",
+      T_TA, "softmax counts the padded tokens past M (score 0) in its sum", keyword="triton"),
     M("ta_dk_chunk1_unscaled", TA,
       "_store_partial(ws, dk1 * scale, dv1,",
       "_store_partial(ws, dk1, dv1,",
@@ -191,6 +203,50 @@ MUTANTS: list[Mutant] = [
       "v = tl.load(v_base + ks.to(tl.int64)[:, None] * sv_c,",
       "v = tl.load(v_base + ks.to(tl.int64)[:, None] * (L * sv_l),",
       T_CA, "P @ v steps v's channels by L*stride(L) instead of stride(c) (wrong for views)", keyword="triton"),
+    # ------------------------------------------------------------------ InfoNCE kernel
+    M("in_last_channel_chunk_only", IN,
+      "        aa += tl.sum(a * a, axis=1)\n        pp += tl.sum(p * p, axis=1)\n        ap += tl.sum(a * p, axis=1)\n"
+      "        an += tl.sum(a[None, :, :] * n, axis=2)\n        nn += tl.sum(n * n, axis=2)",
+      "        aa = tl.sum(a * a, axis=1)\n        pp = tl.sum(p * p, axis=1)\n        ap = tl.sum(a * p, axis=1)\n"
+      "        an = tl.sum(a[None, :, :] * n, axis=2)\n        nn = tl.sum(n * n, axis=2)",
+      T_IN, "forward keeps only the last channel chunk's sums", keyword="kernel"),
+    M("in_log1p_as_log", IN,
+      "loss = (m - s_p) + _log1p(rest)",
+      "loss = (m - s_p) + tl.log(1.0 + rest)",
+      T_IN, "forward takes log(1 + x) instead of log1p (a near-zero loss rounds to 0)", keyword="kernel"),
+    M("in_bwd_wp_minus_one_cancels", IN,
+      "c_p = -g * (negative_mass / total) * inv_tau",
+      "c_p = g * (e_p / total - 1.0) * inv_tau",
+      T_IN, "backward forms w_p - 1 by subtraction (cancels for a well-separated positive)", keyword="kernel"),
+    M("in_bwd_radial_term_dropped", IN,
+      "da = a_from_p[:, None] * p + tl.sum(a_from_n[:, :, None] * n, axis=0) - a_self[:, None] * a",
+      "da = a_from_p[:, None] * p + tl.sum(a_from_n[:, :, None] * n, axis=0)",
+      T_IN, "anchor gradient drops the normalisation's radial term", keyword="kernel"),
+    M("in_negatives_wrong_stride", IN,
+      "n_ptr + off_n[:, :, None] + ch[None, None, :] * snc,\n            mask=k_ok",
+      "n_ptr + off_n[:, :, None] + ch[None, None, :] * sac,\n            mask=k_ok",
+      T_IN, "forward reads the negatives with the anchor's channel stride", keyword="kernel"),
+    M("in_eps_clamp_dropped", IN,
+      "scale_a = inv_tau / tl.maximum(norm_a, EPS)",
+      "scale_a = inv_tau / norm_a",
+      T_IN, "forward divides by |a| without the eps clamp (a zero anchor gives NaN)", keyword="kernel"),
+    # ------------------------------------------------------------------ SupCon kernel
+    M("sc_self_not_excluded", SC,
+      "live = col_ok[None, :] & (cols[None, :] != self_col[:, None])",
+      "live = col_ok[None, :] & (self_col[:, None] >= 0)",
+      T_SC, "forward does not exclude the query itself from the log-sum-exp and the positives", keyword="kernel"),
+    M("sc_key_labels_without_stride", SC,
+      "label_k = tl.load(yk_ptr + cols64 * syk, mask=col_ok, other=0)",
+      "label_k = tl.load(yk_ptr + cols64, mask=col_ok, other=0)",
+      T_SC, "forward reads the key labels without their stride", keyword="kernel"),
+    M("sc_online_rescale_dropped", SC,
+      "run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(",
+      "run_sum = run_sum + tl.sum(",
+      T_SC, "online log-sum-exp does not rescale the running sum when the max grows", keyword="kernel"),
+    M("sc_bwd_column_term_dropped", SC,
+      "grad_s += _pair_grad(s, live, pos, lse_c[None, :], npos_c[None, :], g_c[None, :])",
+      "grad_s += 0.0",
+      T_SC, "backward drops the column (key-side) term of the gradient", keyword="kernel"),
     # ------------------------------------------------------------------ references (the oracle)
     M("ref_sp_renorm_over_batch", "cplfast/reference/sparse_prompt.py",
       "w = w / w.sum(dim=1, keepdim=True)",
@@ -285,6 +341,7 @@ def make_copy(repo: Path, dest: Path) -> Path:
         if (dest / link).exists() or (dest / link).is_symlink():
             raise RuntimeError(f"{link} exists in the tree; the package-dir link cannot be made")
         os.symlink(to, dest / link, target_is_directory=True)
+    (dest / f"{PLUGIN}.py").write_text(PLUGIN_SOURCE)
     return dest
 
 
@@ -299,7 +356,7 @@ def _env(copy: Path) -> dict[str, str]:
 def _pytest(copy: Path, selection: list[str], timeout: float, *, stop_first: bool = True
             ) -> tuple[str, float, str]:
     """Run pytest in ``copy``: ``("passed" | "failed" | "timeout" | "error", seconds, output)``."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", "-p", PLUGIN,
            "-o", "console_output_style=classic", "-rfE"]
     if stop_first:
         cmd.append("-x")
