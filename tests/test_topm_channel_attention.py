@@ -458,3 +458,20 @@ def test_cuda_matches_reference(dtype, shape, fractions, with_mix):
     q, k, v = (x.to(dtype) for x in (q, k, v))
     fwd_tol, grad_tol = CUDA_TOLERANCES[dtype]
     assert_close(triton_vs_reference(q, k, v, temperature, mix, fractions), fwd_tol, grad_tol)
+
+
+def test_triton_large_temperature_is_exact():
+    """Scores up to 96, past fp32 exp's range (88.7) unless the row maximum is subtracted first. Rows of
+    +-1 over L = 64 have norm 8, so G^ = (q . k) / 64 and G^ * t are exact in fp32 for t = 96 and 90 (key
+    row j is query row j with j % 2 signs flipped: every row's maximum is 87 or more)."""
+    gen = torch.Generator().manual_seed(0)
+    c, length = 7, 64
+    q = (torch.randint(0, 2, (1, 2, c, length), generator=gen) * 2 - 1).float()
+    flips = torch.arange(length)[None, :] < (torch.arange(c) % 2)[:, None]
+    k = torch.where(flips, -q, q)
+    v = torch.randn(1, 2, c, length, generator=gen)
+    temperature = torch.tensor([96.0, 90.0])
+    scores = cplfast.reference.channel_attention.channel_scores(q.double(), k.double(), temperature.double())
+    assert scores.max() > 90 and scores.amax(dim=-1).min() >= 87
+    assert_close(triton_vs_reference(q, k, v, temperature, torch.tensor([0.4, 0.3, 0.2, 0.1]), DEFAULT))
+    assert_close(triton_vs_reference(q, k, v, temperature, None, None))
