@@ -495,3 +495,15 @@ def test_kernels_pass_compile_audit():
     done = subprocess.run([sys.executable, "-m", "cplfast.kernels.audit", "--ops", "infonce", "--quick", "--jobs", "2"],
                           env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_kernel_zero_vectors_hit_the_eps_clamp():
+    """Zero anchor, positive and negative vectors normalise to 0 (the eps clamp): their logits are 0, the
+    loss stays finite (log(K + 1) at a zero anchor) and matches the reference forward and backward."""
+    a, p, n = make_inputs((2, 6, 3, 5), 3)
+    a[0, :, 1, 2] = 0.0
+    p[1, :, 0, 0] = 0.0
+    n[2, 0, :, 2, 4] = 0.0
+    loss = ops.infonce(a, p, n, temperature=0.1, dim=1, reduction="none")
+    assert torch.isfinite(loss).all() and abs(loss[0, 1, 2].item() - np.log(4.0)) < 1e-6
+    check_against_reference(a, p, n, "none")
