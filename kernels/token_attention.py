@@ -49,6 +49,7 @@ from ._device import device_guard, dot_precision, sm_count
 
 LOG2E = 1.4426950408889634
 MAX_CHUNKS = 4
+TF32X3_ACC_ELEMENTS = 2048
 
 
 def _empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -63,8 +64,8 @@ def _empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> to
 
 @triton.jit
 def _scores(
-    acc, a_rows, a_ok, sa_d, kt_cols, tok_ok, sk_d, D,
-    c: tl.constexpr, D_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+    acc, a_rows, a_ok, sa_d, kt_cols, tok_ok, sk_d, D, c,
+    D_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """``acc + a[:, chunk c] @ k[:, chunk c]^T`` for a ``(BLOCK_L, D_CHUNK)`` tile of rows ``a_rows``."""
     dim = c * D_CHUNK + tl.arange(0, D_CHUNK)
@@ -110,13 +111,13 @@ def _token_attention_fwd_kernel(
     q_rows = q_ptr + batch * sq_b + head * sq_h + pix * sq_l
     kt_cols = k_ptr + batch * sk_b + head * sk_h + tok * sk_m
     raw = tl.zeros((BLOCK_L, BLOCK_M), dtype=tl.float32)
-    for c in tl.static_range(N_CHUNKS):
+    for c in range(0, N_CHUNKS):
         raw = _scores(raw, q_rows, pix_ok, sq_d, kt_cols, tok_ok, sk_d, D, c, D_CHUNK, PRECISION)
     probs = _softmax(raw, tok_ok, qk_scale)
 
     v_rows = v_ptr + batch * sv_b + head * sv_h + tok * sv_m
     o_rows = out_ptr + batch * so_b + head * so_h + pix * so_l
-    for c in tl.static_range(N_CHUNKS):
+    for c in range(0, N_CHUNKS):
         dim = c * D_CHUNK + tl.arange(0, D_CHUNK)
         dim_ok = dim < D
         v = tl.load(v_rows[:, None] + dim[None, :] * sv_d, mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
@@ -134,7 +135,7 @@ def _probs_and_dscores(
     """P and dS = P * (dP - rowsum(P * dP)), dP = dout @ v^T, for one block of pixels."""
     raw = tl.zeros((BLOCK_L, BLOCK_M), dtype=tl.float32)
     dprobs = tl.zeros((BLOCK_L, BLOCK_M), dtype=tl.float32)
-    for c in tl.static_range(N_CHUNKS):
+    for c in range(0, N_CHUNKS):
         raw = _scores(raw, q_rows, pix_ok, sq_d, k_rows, tok_ok, sk_d, D, c, D_CHUNK, PRECISION)
         dprobs = _scores(dprobs, g_rows, pix_ok, sg_d, v_rows, tok_ok, sv_d, D, c, D_CHUNK, PRECISION)
     probs = _softmax(raw, tok_ok, qk_scale)
@@ -142,8 +143,8 @@ def _probs_and_dscores(
 
 
 @triton.jit
-def _store_dq(dq_rows, ds, k_rows, pix_ok, tok_ok, D, sdq_d, sk_d, scale,
-              c: tl.constexpr, D_CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+def _store_dq(dq_rows, ds, k_rows, pix_ok, tok_ok, D, sdq_d, sk_d, scale, c,
+              D_CHUNK: tl.constexpr, PRECISION: tl.constexpr):
     dim = c * D_CHUNK + tl.arange(0, D_CHUNK)
     dim_ok = dim < D
     k = tl.load(k_rows[:, None] + dim[None, :] * sk_d, mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
@@ -154,13 +155,14 @@ def _store_dq(dq_rows, ds, k_rows, pix_ok, tok_ok, D, sdq_d, sk_d, scale,
 
 @triton.jit
 def _bwd_chunk(
-    dk, dv, ds, probs, q_rows, g_rows, dq_rows, k_rows, pix_ok, tok_ok, D, sq_d, sg_d, sdq_d, sk_d, scale,
+    dk, dv, ds, probs, q_rows, g_rows, dq_rows, k_rows, pix_ok, tok_ok, D, sq_d, sg_d, sdq_d, sk_d, scale, col0,
     c: tl.constexpr, D_CHUNK: tl.constexpr, PRECISION: tl.constexpr, WITH_DQ: tl.constexpr,
 ):
-    """Head-dimension chunk ``c`` of one pixel block: store dq (``WITH_DQ``), return the dk, dv accumulators updated."""
+    """Head-dimension chunk ``c`` (columns from ``col0 + c * D_CHUNK``) of one pixel block: store dq
+    (``WITH_DQ``, only with ``col0 == 0``), return the dk, dv accumulators updated."""
     if WITH_DQ:
         _store_dq(dq_rows, ds, k_rows, pix_ok, tok_ok, D, sdq_d, sk_d, scale, c, D_CHUNK, PRECISION)
-    dim = c * D_CHUNK + tl.arange(0, D_CHUNK)
+    dim = col0 + c * D_CHUNK + tl.arange(0, D_CHUNK)
     mask = pix_ok[:, None] & (dim < D)[None, :]
     q = tl.load(q_rows[:, None] + dim[None, :] * sq_d, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_rows[:, None] + dim[None, :] * sg_d, mask=mask, other=0.0).to(tl.float32)
@@ -171,8 +173,8 @@ def _bwd_chunk(
 
 
 @triton.jit
-def _store_partial(ws, dk, dv, part, half, tok, tok_ok, D, c: tl.constexpr, D_CHUNK: tl.constexpr):
-    dim = c * D_CHUNK + tl.arange(0, D_CHUNK)
+def _store_partial(ws, dk, dv, part, half, tok, tok_ok, D, col0, c: tl.constexpr, D_CHUNK: tl.constexpr):
+    dim = col0 + c * D_CHUNK + tl.arange(0, D_CHUNK)
     tile = tok[:, None] * D + dim[None, :]
     mask = tok_ok[:, None] & (dim < D)[None, :]
     tl.store(ws + part + tile, dk, mask=mask)
@@ -192,10 +194,12 @@ def _token_attention_bwd_kernel(
     BLOCK_M: tl.constexpr,
     D_CHUNK: tl.constexpr,
     N_CHUNKS: tl.constexpr,
+    N_OWN: tl.constexpr,
     PRECISION: tl.constexpr,
     WITH_DQ: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    col0 = tl.program_id(1) * (N_OWN * D_CHUNK)
     bh = pid // splits
     split = pid - bh * splits
     batch = (bh // H).to(tl.int64)
@@ -226,25 +230,25 @@ def _token_attention_bwd_kernel(
         probs, ds = _probs_and_dscores(q_rows, g_rows, pix_ok, sq_d, sg_d, k_rows, v_rows, tok_ok, sk_d, sv_d, D,
                                        qk_scale, BLOCK_L, BLOCK_M, D_CHUNK, N_CHUNKS, PRECISION)
         dk0, dv0 = _bwd_chunk(dk0, dv0, ds, probs, q_rows, g_rows, dq_rows, k_rows, pix_ok, tok_ok, D,
-                              sq_d, sg_d, sdq_d, sk_d, scale, 0, D_CHUNK, PRECISION, WITH_DQ)
-        if N_CHUNKS > 1:
+                              sq_d, sg_d, sdq_d, sk_d, scale, col0, 0, D_CHUNK, PRECISION, WITH_DQ)
+        if N_OWN > 1:
             dk1, dv1 = _bwd_chunk(dk1, dv1, ds, probs, q_rows, g_rows, dq_rows, k_rows, pix_ok, tok_ok, D,
-                                  sq_d, sg_d, sdq_d, sk_d, scale, 1, D_CHUNK, PRECISION, WITH_DQ)
-        if N_CHUNKS > 2:
+                                  sq_d, sg_d, sdq_d, sk_d, scale, col0, 1, D_CHUNK, PRECISION, WITH_DQ)
+        if N_OWN > 2:
             dk2, dv2 = _bwd_chunk(dk2, dv2, ds, probs, q_rows, g_rows, dq_rows, k_rows, pix_ok, tok_ok, D,
-                                  sq_d, sg_d, sdq_d, sk_d, scale, 2, D_CHUNK, PRECISION, WITH_DQ)
-        if N_CHUNKS > 3:
+                                  sq_d, sg_d, sdq_d, sk_d, scale, col0, 2, D_CHUNK, PRECISION, WITH_DQ)
+        if N_OWN > 3:
             dk3, dv3 = _bwd_chunk(dk3, dv3, ds, probs, q_rows, g_rows, dq_rows, k_rows, pix_ok, tok_ok, D,
-                                  sq_d, sg_d, sdq_d, sk_d, scale, 3, D_CHUNK, PRECISION, WITH_DQ)
+                                  sq_d, sg_d, sdq_d, sk_d, scale, col0, 3, D_CHUNK, PRECISION, WITH_DQ)
 
     part = split.to(tl.int64) * size + bh.to(tl.int64) * M * D
-    _store_partial(ws, dk0 * scale, dv0, part, half, tok, tok_ok, D, 0, D_CHUNK)
-    if N_CHUNKS > 1:
-        _store_partial(ws, dk1 * scale, dv1, part, half, tok, tok_ok, D, 1, D_CHUNK)
-    if N_CHUNKS > 2:
-        _store_partial(ws, dk2 * scale, dv2, part, half, tok, tok_ok, D, 2, D_CHUNK)
-    if N_CHUNKS > 3:
-        _store_partial(ws, dk3 * scale, dv3, part, half, tok, tok_ok, D, 3, D_CHUNK)
+    _store_partial(ws, dk0 * scale, dv0, part, half, tok, tok_ok, D, col0, 0, D_CHUNK)
+    if N_OWN > 1:
+        _store_partial(ws, dk1 * scale, dv1, part, half, tok, tok_ok, D, col0, 1, D_CHUNK)
+    if N_OWN > 2:
+        _store_partial(ws, dk2 * scale, dv2, part, half, tok, tok_ok, D, col0, 2, D_CHUNK)
+    if N_OWN > 3:
+        _store_partial(ws, dk3 * scale, dv3, part, half, tok, tok_ok, D, col0, 3, D_CHUNK)
 
 
 @triton.jit
@@ -279,7 +283,7 @@ def _token_attention_dq_kernel(
     dq_rows = dq_ptr + batch * sdq_b + head * sdq_h + pix * sdq_l
     probs, ds = _probs_and_dscores(q_rows, g_rows, pix_ok, sq_d, sg_d, k_rows, v_rows, tok_ok, sk_d, sv_d, D,
                                    qk_scale, BLOCK_L, BLOCK_M, D_CHUNK, N_CHUNKS, PRECISION)
-    for c in tl.static_range(N_CHUNKS):
+    for c in range(0, N_CHUNKS):
         _store_dq(dq_rows, ds, k_rows, pix_ok, tok_ok, D, sdq_d, sk_d, scale, c, D_CHUNK, PRECISION)
 
 
@@ -318,6 +322,7 @@ class Plan:
     precision: str
     splits: int = 1
     num_stages: int = 1
+    col_groups: int = 1  # backward: programs per (b,h, split) over the head-dimension chunks of dk/dv
     dq: "Plan | None" = None  # backward: dq by its own kernel with these settings, not in the dk/dv pass
 
 
@@ -371,8 +376,13 @@ def backward_plan(length: int, bh: int, m: int, d: int, dtype: torch.dtype, prec
     else:
         block_l, num_warps = (16, 8) if precision == "tf32x3" else (32, 4)
         dq = None if fused else forward_plan(m, d, dtype, precision, cuda=True)
+    col_groups = 1
+    if cuda and precision == "tf32x3":
+        # tf32x3 splits every operand into hi and lo parts: beyond 2048 accumulator elements per
+        # program (dk and dv each), the chunks of dk/dv are shared out over programs (each recomputes P, dS)
+        col_groups = min(n_chunks, -(-block_m * d_chunk * n_chunks // TF32X3_ACC_ELEMENTS))
     return Plan(block_l, block_m, d_chunk, n_chunks, num_warps, precision,
-                default_splits(length, bh, m, block_l, sms), dq=dq)
+                default_splits(length, bh, m, block_l, sms), col_groups=col_groups, dq=dq)
 
 
 def default_splits(length: int, bh: int, m: int, block_l: int, sms: int) -> int:
@@ -436,6 +446,8 @@ def token_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
         plan = backward_plan(length, batch * heads, m, d, q.dtype, dot_precision(q.dtype, dev),
                              sms=sm_count(dev), cuda=dev.type == "cuda")
     _check_dim_strides(grad_out, q, k, v)
+    if plan.col_groups > 1 and plan.dq is None:
+        raise ValueError("a backward plan with col_groups > 1 needs its own dq kernel (Plan.dq)")
     blocks_per_split = triton.cdiv(triton.cdiv(length, plan.block_l), plan.splits)
     size = batch * heads * m * d
     dq = _empty(q.shape, q.dtype, dev)
@@ -443,13 +455,14 @@ def token_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     dv = _empty(v.shape, v.dtype, dev)
     ws = _empty((2, plan.splits, batch * heads, m, d), torch.float32, dev)
     with device_guard(dev):
-        _token_attention_bwd_kernel[(batch * heads * plan.splits,)](
+        n_own = triton.cdiv(plan.n_chunks, plan.col_groups)
+        _token_attention_bwd_kernel[(batch * heads * plan.splits, triton.cdiv(plan.n_chunks, n_own))](
             grad_out, q, k, v, dq, ws,
             heads, length, m, d, float(scale), float(scale) * LOG2E, plan.splits, blocks_per_split,
             size, plan.splits * size,
             *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(), *dq.stride(),
             BLOCK_L=plan.block_l, BLOCK_M=plan.block_m, D_CHUNK=plan.d_chunk, N_CHUNKS=plan.n_chunks,
-            PRECISION=plan.precision, WITH_DQ=plan.dq is None, num_warps=plan.num_warps,
+            N_OWN=n_own, PRECISION=plan.precision, WITH_DQ=plan.dq is None, num_warps=plan.num_warps,
             num_stages=plan.num_stages,
         )
         if plan.dq is not None:

@@ -230,6 +230,42 @@ def test_triton_tensor_core_plans_under_the_interpreter(precision, m, d):
     assert_close(triton_vs_reference(q, k, v, None, fwd_plan=fwd, bwd_plan=bwd))
 
 
+@pytest.mark.parametrize(
+    "m, d, expect",
+    [
+        # fp32 "high" (tf32x3) on an sm_90 GPU: dk/dv chunks shared out over programs beyond 2048 elements
+        (64, 128, dict(block_l=16, d_chunk=32, n_chunks=4, num_warps=8, col_groups=4)),
+        (32, 96, dict(block_l=16, d_chunk=32, n_chunks=3, num_warps=8, col_groups=2)),
+        (16, 128, dict(block_l=16, d_chunk=32, n_chunks=4, num_warps=8, col_groups=1)),
+    ],
+)
+def test_triton_tf32x3_backward_plans_under_the_interpreter(m, d, expect):
+    """The tf32x3 backward plans (column groups of dk/dv, separate dq kernel), run with ieee dots on fewer
+    pixels with the splits kept; (32, 96) leaves the last column group one chunk past d."""
+    fwd, bwd = cuda_plans(4096, 16, m, d, "tf32x3")
+    assert {name: getattr(bwd, name) for name in expect} == expect and bwd.dq is not None
+    bwd = dataclasses.replace(bwd, splits=3)
+    q, k, v = make_inputs(1, 2, 53, m, d, dtype=torch.float32)
+    assert_close(triton_vs_reference(q, k, v, None, fwd_plan=fwd, bwd_plan=bwd))
+
+
+@pytest.mark.parametrize("col_groups", [2, 3])
+def test_triton_backward_column_groups(monkeypatch, col_groups):
+    """dk/dv chunks shared out over ``col_groups`` programs (3 chunks of 16 columns for d = 40), on
+    poisoned buffers; without a dq kernel such a plan is refused."""
+    monkeypatch.setattr(kernels, "_empty", lambda shape, dtype, device: torch.full(tuple(shape), float("nan"),
+                                                                                   dtype=dtype, device=device))
+    q, k, v = make_inputs(2, 1, 45, 7, 40, dtype=torch.float32)
+    cpu = kernels.backward_plan(45, 2, 7, 40, torch.float32, "ieee", sms=1, cuda=False)
+    assert cpu.n_chunks == 3 and cpu.dq is None
+    with pytest.raises(ValueError, match="col_groups"):
+        kernels.token_attention_backward(torch.randn_like(q), q, k, v, 0.5,
+                                         plan=dataclasses.replace(cpu, col_groups=col_groups))
+    bwd = dataclasses.replace(cpu, col_groups=col_groups, splits=2,
+                              dq=kernels.forward_plan(7, 40, torch.float32, "ieee", cuda=False))
+    assert_close(triton_vs_reference(q, k, v, None, bwd_plan=bwd))
+
+
 def test_default_splits_follow_the_sm_count():
     many = kernels.default_splits(128 * 128, 16, 16, 16, sms=132)
     few = kernels.default_splits(128 * 128, 16, 16, 16, sms=8)
@@ -383,7 +419,6 @@ def test_launchers_refuse_head_dimension_strides_past_32_bits():
             kernels.token_attention_forward(q, k, v, 0.5)
         with pytest.raises(ValueError, match="head dimension stride"):
             kernels.token_attention_backward(q, q, k, v, 0.5)
-
 
 
 def test_triton_token_strides_of_fused_projections():
