@@ -229,7 +229,7 @@ MUTANTS: list[Mutant] = [
     M("in_eps_clamp_dropped", IN,
       "scale_a = inv_tau / tl.maximum(norm_a, EPS)",
       "scale_a = inv_tau / norm_a",
-      T_IN, "forward divides by |a| without the eps clamp (a zero anchor gives NaN)", keyword="zero_vectors or kernel_matches"),
+      T_IN, "forward divides by the anchor norm without the eps clamp (a zero anchor gives NaN)", keyword="zero_vectors or kernel_matches"),
     # ------------------------------------------------------------------ SupCon kernel
     M("sc_self_not_excluded", SC,
       "live = col_ok[None, :] & (cols[None, :] != self_col[:, None])",
@@ -516,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep:
         for c in copies:
             shutil.rmtree(c, ignore_errors=True)
+        if args.markdown is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return 1 if bad else 0
 
 
