@@ -183,8 +183,9 @@ def cuda_config(dtype: torch.dtype, d: int, precision: str, backward: bool = Fal
     accumulated over ``BLOCK_D``-wide slices of D; the backward writes ``BLOCK_DO`` gradient columns
     per program (all of D up to 256: no score recomputation; else 128-wide chunks, grid axis 1).
     Sizes keep the sm_90 and sm_80 builds of both kernels free of register spills in every precision
-    (checked by ``python -m cplfast.kernels.audit`` with Triton 3.6 and the newest Triton): fp32
-    products in full precision run on FMA units and need the narrowest D slices.
+    (checked by ``python -m cplfast.kernels.audit`` with Triton 3.6 and the newest Triton; "tf32" for
+    fp32 rows, which the audit's matrix leaves out, checked the same way): fp32 products in full
+    precision run on FMA units and need the narrowest D slices.
     """
     p2 = triton.next_power_of_2(d)
     if dtype != torch.float32:
@@ -200,6 +201,8 @@ def cuda_config(dtype: torch.dtype, d: int, precision: str, backward: bool = Fal
         if dtype == torch.float32:  # fp32 (BLOCK_N, BLOCK_DO) rows for the gradient product
             cfg["BLOCK_N"] = 16
             cfg["num_stages"] = 2  # three stages of prefetched fp32 rows spill at D = 300
+            if precision == "tf32":  # ptxas settles on 128 registers here: narrower slices, no prefetch
+                cfg.update(BLOCK_D=16, num_stages=1)
     return cfg
 
 
