@@ -10,7 +10,8 @@ Forward: one program per block of ``BLOCK_L`` pixels of one (b,h) (grid ``B*h*cd
 All M keys fit in one tile, so each row gets one exact softmax in a single pass, no online rescaling.
 The head dimension is walked in ``N_CHUNKS`` chunks of ``D_CHUNK`` columns (a power of two >= 16, chosen
 so d is padded as little as possible): the scores accumulate over the chunks of q and k, then each
-chunk of the output is ``P @ v_chunk``.
+chunk of the output is ``P @ v_chunk``. The chunk loops are runtime loops (not unrolled): the k and v
+tiles of every chunk are then not hoisted out of the pixel loop and held as dot operands side by side.
 
 Backward (P recomputed from q and k; nothing but the inputs is saved)::
 
@@ -24,6 +25,9 @@ each, so the live registers are ``2 * M * d``-sized, not padded to a power of tw
 fp32 partials ``(2, splits, B*h, M, d)``; a second kernel sums the partials of each element in a fixed
 order and casts: deterministic, unlike fp32 atomics, and cheap, as a partial is only ``M x d`` against
 the ``>= 4M x d`` tiles that produced it. The split count comes from the SM count (:func:`default_splits`).
+With tf32x3 dots (every operand split into hi and lo parts) and more than 2048 accumulator elements
+per program, the dk/dv chunks are shared out over ``col_groups`` programs per (b,h, split) (grid axis 1),
+each recomputing P and dS for its pixels and owning ``cdiv(N_CHUNKS, col_groups)`` chunks.
 
 Beyond M <= 16 and d <= 64, ``dq = dS @ k`` is left
 to a third kernel laid out as the forward (see :func:`backward_plan`): Triton's FMA dot keeps each
@@ -33,7 +37,8 @@ to the dk/dv accumulators would spill.
 Every ``tl.dot`` takes ``input_precision`` from :func:`cplfast.kernels._device.dot_precision`; offsets
 are 64-bit wherever a product with a stride can pass 2^31 (pixel index, batch, head, partial index).
 
-Launches: forward 1; backward 2 (dk/dv pass with dq, partial sum), or 3 (+ dq kernel) beyond M <= 16, d <= 64.
+Launches: forward 1; backward 2 (dk/dv pass with dq, partial sum), or 3 (+ dq kernel) beyond M <= 16, d <= 64
+and always with tf32x3.
 """
 
 from __future__ import annotations
