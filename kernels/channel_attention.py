@@ -39,8 +39,10 @@ Backward (G^, the norms and P are saved by the forward; all are c x c or c sized
        a_k[s] = colsum(dG^ * G^)[s] / |k_s|^2  (likewise; summed from per-row-block partials)
 
    (``q . dq^ = |q| rowsum(dG^ * G^)``, so the normalisation backward needs no extra pass over L).
-3. ``_channel_input_grads_kernel`` one program per (b,h, block of L, block of K rows):
-   dv = P^T @ grad_out, dq, dk as above, each a sum over K-chunks.
+3. ``_apply_probs_kernel`` again, reading P transposed: dv = P^T @ grad_out.
+4. ``_channel_input_grads_kernel`` one program per (b,h, block of L, block of K rows): dq, dk as
+   above, each a sum over K-chunks (dv has its own launch: three fp32 products in one program do
+   not fit the registers).
 
 plus two small torch reductions of the d temperature / d mix partials.
 
@@ -227,11 +229,13 @@ def _apply_probs_kernel(
     H, C, L, n_row_blocks, n_l_blocks,
     sv_b, sv_h, sv_c, sv_l,
     so_b, so_h, so_c, so_l,
+    TRANSPOSE: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_L: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """out[rows, block] = sum over K-chunks of P[rows, chunk] @ v[chunk, block]; one (b,h), K rows, one L block."""
+    """out[rows, block] = sum over K-chunks of P[rows, chunk] @ v[chunk, block] (P^T when TRANSPOSE: the
+    backward's dv = P^T @ grad_out); one (b,h), K rows, one L block."""
     pid = tl.program_id(0)
     row_block = pid % n_row_blocks
     l_block = (pid // n_row_blocks) % n_l_blocks
@@ -243,14 +247,18 @@ def _apply_probs_kernel(
     pix = l_block.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
     pix_ok = pix < L
     offs_k = tl.arange(0, BLOCK_K)
-    probs_rows = probs_ptr + bh.to(tl.int64) * C * C + rows[:, None] * C
+    probs_bh = probs_ptr + bh.to(tl.int64) * C * C
     v_base = v_ptr + batch * sv_b + head * sv_h + pix[None, :] * sv_l
 
     out = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
         ks = k0 + offs_k
         k_ok = ks < C
-        p = tl.load(probs_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if TRANSPOSE:
+            p_offs = ks[None, :] * C + rows[:, None]
+        else:
+            p_offs = rows[:, None] * C + ks[None, :]
+        p = tl.load(probs_bh + p_offs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         v = tl.load(v_base + ks.to(tl.int64)[:, None] * sv_c, mask=k_ok[:, None] & pix_ok[None, :], other=0.0)
         out += tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
     out_ptrs = out_ptr + batch * so_b + head * so_h + rows.to(tl.int64)[:, None] * so_c + pix[None, :] * so_l
@@ -323,21 +331,19 @@ def _channel_dscores_kernel(
 
 @triton.jit
 def _channel_input_grads_kernel(
-    probs_ptr, w_ptr, aq_ptr, dk_ws, knorm_ptr,
-    dout_ptr, q_ptr, k_ptr, dq_ptr, dk_ptr, dv_ptr,
+    w_ptr, aq_ptr, dk_ws, knorm_ptr,
+    q_ptr, k_ptr, dq_ptr, dk_ptr,
     H, C, L, n_row_blocks, n_l_blocks, n_score_blocks,
-    sg_b, sg_h, sg_c, sg_l,
     sq_b, sq_h, sq_c, sq_l,
     sk_b, sk_h, sk_c, sk_l,
     sdq_b, sdq_h, sdq_c, sdq_l,
     sdk_b, sdk_h, sdk_c, sdk_l,
-    sdv_b, sdv_h, sdv_c, sdv_l,
     BLOCK_K: tl.constexpr,
     BLOCK_L: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """dv = P^T @ dout, dq = W @ k - a_q q, dk = W^T @ q - a_k k for K rows on one block of L,
-    each product a sum over K-chunks of the c columns."""
+    """dq = W @ k - a_q q, dk = W^T @ q - a_k k for K rows on one block of L, each product a sum over
+    K-chunks of the c columns."""
     pid = tl.program_id(0)
     row_block = pid % n_row_blocks
     l_block = (pid // n_row_blocks) % n_l_blocks
@@ -350,11 +356,9 @@ def _channel_input_grads_kernel(
     pix_ok = pix < L
     offs_k = tl.arange(0, BLOCK_K)
     square = bh * C * C
-    dout_base = dout_ptr + batch * sg_b + head * sg_h + pix[None, :] * sg_l
     q_base = q_ptr + batch * sq_b + head * sq_h + pix[None, :] * sq_l
     k_base = k_ptr + batch * sk_b + head * sk_h + pix[None, :] * sk_l
 
-    dv = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
     dq = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
     dk = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
@@ -363,9 +367,6 @@ def _channel_input_grads_kernel(
         sq_mask = row_ok[:, None] & k_ok[None, :]
         lk_mask = k_ok[:, None] & pix_ok[None, :]
         ks_l = ks.to(tl.int64)[:, None]
-        probs_t = tl.load(probs_ptr + square + ks[None, :] * C + rows[:, None], mask=sq_mask, other=0.0)
-        dout = tl.load(dout_base + ks_l * sg_c, mask=lk_mask, other=0.0).to(tl.float32)
-        dv += tl.dot(probs_t, dout, input_precision=PRECISION)
         w = tl.load(w_ptr + square + rows[:, None] * C + ks[None, :], mask=sq_mask, other=0.0)
         k = tl.load(k_base + ks_l * sk_c, mask=lk_mask, other=0.0).to(tl.float32)
         dq += tl.dot(w, k, input_precision=PRECISION)
@@ -388,10 +389,8 @@ def _channel_input_grads_kernel(
     dq -= aq[:, None] * q_rows
     dk -= ak[:, None] * k_rows
     pix_b = pix[None, :]
-    dv_ptrs = dv_ptr + batch * sdv_b + head * sdv_h + rows_l * sdv_c + pix_b * sdv_l
     dq_ptrs = dq_ptr + batch * sdq_b + head * sdq_h + rows_l * sdq_c + pix_b * sdq_l
     dk_ptrs = dk_ptr + batch * sdk_b + head * sdk_h + rows_l * sdk_c + pix_b * sdk_l
-    tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=mask)
     tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=mask)
     tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=mask)
 
@@ -428,7 +427,7 @@ class ChannelPlan:
     """Launch settings for one shape (see :func:`make_plan`).
 
     ``chunk`` K: Gram tile side, rows per program and K-chunk of the kernels over L; ``block_l``:
-    pixels per L block; ``splits``: programs sharing one Gram tile's reduction over L; ``block_r``:
+    pixels per L block (``block_l_grads`` in the input-gradient kernel: 32 on a GPU); ``splits``: programs sharing one Gram tile's reduction over L; ``block_r``:
     rows per program of the c x c kernels (probs, dscores), which hold ``block_r x block_c`` with
     ``block_c = next_pow2(c)``; ``rank_chunk``: competitors per step of the rank count
     (a ``block_r x block_c x rank_chunk`` tile)."""
@@ -437,10 +436,12 @@ class ChannelPlan:
     length: int
     chunk: int
     block_l: int
+    block_l_grads: int
     splits: int
     block_r: int
     rank_chunk: int
     warps_gram: int
+    stages_gram: int
     warps_rows: int
     warps_apply: int
     warps_grads: int
@@ -457,6 +458,10 @@ class ChannelPlan:
     @property
     def l_blocks(self) -> int:
         return triton.cdiv(self.length, self.block_l)
+
+    @property
+    def l_blocks_grads(self) -> int:
+        return triton.cdiv(self.length, self.block_l_grads)
 
     @property
     def blocks_per_split(self) -> int:
@@ -492,6 +497,7 @@ def make_plan(
     if block_l is None:
         block_l = 64
     _pow2("block_l", block_l, 16)
+    block_l_grads = min(block_l, 32) if gpu else block_l
     if block_r is None:
         block_r = min(triton.next_power_of_2(c), 2048 // block_c) if gpu else triton.next_power_of_2(c)
     _pow2("block_r", block_r)
@@ -506,8 +512,8 @@ def make_plan(
         raise ValueError(f"splits must be >= 1, got {splits}")
     splits = min(splits, blocks)
     return ChannelPlan(
-        c=c, length=length, chunk=chunk, block_l=block_l, splits=splits, block_r=block_r, rank_chunk=rank_chunk,
-        warps_gram=8 if chunk >= 64 else 4, warps_rows=4 if block_r * block_c <= 1024 else 8,
+        c=c, length=length, chunk=chunk, block_l=block_l, block_l_grads=block_l_grads, splits=splits, block_r=block_r, rank_chunk=rank_chunk,
+        warps_gram=8 if gpu else 4, stages_gram=3, warps_rows=4 if block_r * block_c <= 1024 else 8,
         warps_apply=8 if chunk >= 32 else 4, warps_grads=8 if chunk >= 32 else 4, stages_grads=1,
     )
 
@@ -542,7 +548,7 @@ def _gram_partials(plan: ChannelPlan, a: torch.Tensor, b: torch.Tensor, with_nor
         heads, c, length, plan.tiles, plan.splits, plan.blocks_per_split,
         *a.stride(), *b.stride(),
         WITH_NORMS=with_norms, BLOCK_K=plan.chunk, BLOCK_L=plan.block_l, PRECISION=precision,
-        num_warps=plan.warps_gram,
+        num_warps=plan.warps_gram, num_stages=plan.stages_gram,
     )
     return gram, asq, bsq
 
@@ -589,7 +595,7 @@ def channel_attention_forward(
             probs, v, out,
             heads, c, length, plan.tiles, plan.l_blocks,
             *v.stride(), *out.stride(),
-            BLOCK_K=plan.chunk, BLOCK_L=plan.block_l, PRECISION=precision,
+            TRANSPOSE=False, BLOCK_K=plan.chunk, BLOCK_L=plan.block_l, PRECISION=precision,
             num_warps=plan.warps_apply,
         )
     return out, gram, qnorm, knorm, probs
@@ -636,12 +642,19 @@ def channel_attention_backward(
         dq = _empty(q.shape, q.dtype, dev)
         dk = _empty(k.shape, k.dtype, dev)
         dv = _empty(v.shape, v.dtype, dev)
-        _channel_input_grads_kernel[(bh * plan.l_blocks * plan.tiles,)](
-            probs, w, aq, dk_ws, knorm,
-            grad_out, q, k, dq, dk, dv,
-            heads, c, length, plan.tiles, plan.l_blocks, plan.row_blocks,
-            *grad_out.stride(), *q.stride(), *k.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
-            BLOCK_K=plan.chunk, BLOCK_L=plan.block_l, PRECISION=precision,
+        _apply_probs_kernel[(bh * plan.l_blocks * plan.tiles,)](
+            probs, grad_out, dv,
+            heads, c, length, plan.tiles, plan.l_blocks,
+            *grad_out.stride(), *dv.stride(),
+            TRANSPOSE=True, BLOCK_K=plan.chunk, BLOCK_L=plan.block_l, PRECISION=precision,
+            num_warps=plan.warps_apply,
+        )
+        _channel_input_grads_kernel[(bh * plan.l_blocks_grads * plan.tiles,)](
+            w, aq, dk_ws, knorm,
+            q, k, dq, dk,
+            heads, c, length, plan.tiles, plan.l_blocks_grads, plan.row_blocks,
+            *q.stride(), *k.stride(), *dq.stride(), *dk.stride(),
+            BLOCK_K=plan.chunk, BLOCK_L=plan.block_l_grads, PRECISION=precision,
             num_warps=plan.warps_grads, num_stages=plan.stages_grads,
         )
         dtemperature = dtemp_ws.sum(dim=(0, 2)).to(temperature.dtype)
