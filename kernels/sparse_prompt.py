@@ -18,10 +18,11 @@ component at its output positions once and reuses that for every image of the ba
 Forward, two launches:
   1. ``_gap_partial_kernel``  grid (B, C/BLOCK_C, SPLIT): partial spatial sums ``part (B,SPLIT,C)`` of x,
      read through its strides (NCHW, channels-last or any view), fp32.
-  2. ``_route_mix_kernel``    grid (H'W'/BLOCK, D): every program recomputes the router from ``part``
-     (emb, logits, softmax, top-k, renorm: ``B*(SPLIT+N)*C`` loads from L2, no launch of its own), takes
-     the bilinear taps of the prompt components that some image selected (the others are not read) and
-     writes one weighted sum per image. Program (0, 0) also writes emb, probs, mixw and routing.
+  2. ``_route_mix_kernel``    grid (H'W'/BLOCK, D/D_PER): every program recomputes the router from ``part``
+     (emb, logits, softmax, top-k, renorm; ``B*(SPLIT+N)*C`` loads that hit L2, no launch of its own),
+     BLOCK_B images at a time, holds their weights in registers, takes the bilinear taps of the prompt
+     components one of them selected (the others are not read) for each of its D_PER channels and writes
+     one weighted sum per image. Program (0, 0) also writes emb, probs, mixw and routing.
 
 Backward (grad_out ``(B,D,H',W')``, grad_routing ``(B,N)``, either may be absent), two launches:
   3. ``_prompt_grad_kernel``  grid (S*S/BLOCK, D/D_PER): per prompt pixel and channel, the transposed
@@ -41,10 +42,12 @@ HBM bytes (e = element size; S^2 = S*S; prompts read only for selected component
             + 4*B*SPLIT*C (partials, written once, re-read from L2 by every mix program) + O(B*(C+N))
   backward: B*D*H'*W'*e (read grad_out) + N*D*S^2*e (read prompts) + N*D*S^2*e (write grad_prompts)
             + 4*B*PARTS*BLOCK_N (dL/dw partials, re-read from L2 by every router-grad program) + O(N*C + B*C)
-Example, PromptIR level 1 at 128^2 training patches (B=8, C=96, H=W=S=64, D=64, N=5, fp32, H100/H200 plan):
+Example, PromptIR level 1 at 128^2 training patches (B=8, C=96, H=W=S=64, D=64, N=5, fp32, H200 plan):
 x 12.6 MB, out 8.4 MB, prompts 5.2 MB, partials 9 KB -> forward 26.2 MB; backward 8.4 + 2*5.2 MB +
-131 KB of partials (PARTS = 512) = 19.0 MB. Four launches in all (the eager reference makes dozens), so
-the ~11 us of data at 3.3-4.8 TB/s is no longer hidden behind seven launch latencies.
+164 KB of partials (PARTS = 640) = 19.0 MB: 45 MB, ~10-14 us at 3.3-4.8 TB/s, in four launches
+(grids: GAP 8x24x3 = 576 programs (channels-last 8x3x8 = 192), route-mix 32x8 = 256, prompt-grad
+128x5 = 640, router-grad 3) where there were six plus zero fills. The router recomputation costs each
+mix program one pass over the 9 KB of partials and the 2 KB weight (L1/L2 hits, no HBM).
 The eager reference additionally writes and re-reads the (B,D,S,S) mix, the interpolate output and a
 full (B,C,H,W) grad_x.
 """
@@ -89,68 +92,71 @@ def _gap_partial_kernel(
     tl.store(part_ptr + (b * SPLIT + split) * C + c, tl.sum(acc, axis=1), mask=c_ok)
 
 
-@triton.jit
-def _topk_keep(p, n, n_ok, k, N):
-    """Mask of the k largest entries of p (0 <= p <= 1), ties to the lower index.
+# Divisions are tl.fdiv (div.full.f32, <= 2 ulp): IEEE div.rn.f32 calls a slow-path subroutine around which
+# ptxas spills live registers.
 
-    Selects the min(k, N-k) entries that decide the mask one at a time (the largest, lowest index first;
-    or, for k > N/2, drops the smallest, highest index first): registers stay O(N) for any N.
+
+@triton.jit
+def _topk_keep(p, n, n_ok, k, N, BLOCK_N: tl.constexpr):
+    """Mask of the k largest entries of each row of p ``(rows, BLOCK_N)``, 0 <= p <= 1, ties to the lower index;
+    ``n``/``n_ok`` are ``(1, BLOCK_N)``.
+
+    Decides min(k, N-k) entries one at a time (the largest, lowest index first; or, for k > N/2, the
+    smallest, highest index first, which are dropped): registers stay O(N) for any N.
     """
-    if k <= N - k:
-        keep = n < 0
-        for _ in range(k):
-            cand = tl.where(n_ok & ~keep, p, -1.0)
-            best = tl.max(cand, axis=0)
-            first = tl.min(tl.where(cand == best, n, 2**30), axis=0)
-            keep = keep | (n == first)
-    else:
-        keep = n_ok
-        for _ in range(N - k):
-            cand = tl.where(keep, p, 2.0)
-            worst = tl.min(cand, axis=0)
-            last = tl.max(tl.where(cand == worst, n, -1), axis=0)
-            keep = keep & (n != last)
-    return keep
+    select = k <= N - k
+    key = tl.where(select, p, -p)  # the next entry decided: largest key, then smallest rank
+    rank = tl.where(select, n, BLOCK_N - n)
+    decided = (p < 0.0) & (n < 0)
+    for _ in range(tl.where(select, k, N - k)):
+        cand = tl.where(n_ok & ~decided, key, -3.0)
+        best = tl.max(cand, axis=1)
+        first = tl.min(tl.where(cand == best[:, None], rank, 2**30), axis=1)
+        decided = decided | (rank == first[:, None])
+    return tl.where(select, decided, n_ok & ~decided)
 
 
 @triton.jit
 def _route(
-    part_ptr, weight_ptr, bias_ptr, emb_ptr, b, emb_limit,
-    C, N, SPLIT, inv_hw, temperature, k, swn, swc, sbn,
+    part_ptr, weight_ptr, bias_ptr, emb_ptr, b0, emb_limit,
+    B, C, N, SPLIT, inv_hw, temperature, k, swn, swc, sbn,
     HAS_BIAS: tl.constexpr, TOPK: tl.constexpr, RENORM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Router of image b from the GAP partials: (p, w) over the components (fp32, BLOCK_N wide).
-
-    Every caller runs the same code on the same inputs, so every program gets bit-identical weights.
-    The pooled features emb[b, c] are written for c < ``emb_limit`` (C in one program, 0 in the others).
+    """Router of images b0 .. b0+BLOCK_B-1 from the GAP partials: (p, w), ``(BLOCK_B, BLOCK_N)`` fp32
+    (rows past B are zero). Every caller runs the same code on the same inputs, so every program gets
+    bit-identical weights. emb[b, c] is written for c < ``emb_limit`` (C in one program, 0 in the others).
     """
-    n = tl.arange(0, BLOCK_N)
+    b = b0 + tl.arange(0, BLOCK_B)
+    b_ok = b < B
+    n = tl.arange(0, BLOCK_N)[None, :]
     n_ok = n < N
-    logits = tl.zeros([BLOCK_N], dtype=tl.float32)
+    logits = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < C
-        emb = tl.zeros([BLOCK_C], dtype=tl.float32)
+        bc_mask = b_ok[:, None] & (c < C)[None, :]
+        emb = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
         for s in range(SPLIT):
-            emb += tl.load(part_ptr + (b * SPLIT + s) * C + c, mask=c_ok, other=0.0)
+            emb += tl.load(part_ptr + (b[:, None] * SPLIT + s) * C + c[None, :], mask=bc_mask, other=0.0)
         emb = emb * inv_hw
-        tl.store(emb_ptr + b * C + c, emb, mask=c < emb_limit)
+        tl.store(emb_ptr + b[:, None] * C + c[None, :], emb, mask=b_ok[:, None] & (c < emb_limit)[None, :])
         w_tile = tl.load(
-            weight_ptr + n[:, None] * swn + c[None, :] * swc, mask=n_ok[:, None] & c_ok[None, :], other=0.0
+            weight_ptr + tl.arange(0, BLOCK_N)[:, None] * swn + c[None, :] * swc,
+            mask=(tl.arange(0, BLOCK_N) < N)[:, None] & (c < C)[None, :], other=0.0,
         ).to(tl.float32)
-        logits += tl.sum(w_tile * emb[None, :], axis=1)
+        logits += tl.sum(emb[:, None, :] * w_tile[None, :, :], axis=2)
     if HAS_BIAS:
         logits += tl.load(bias_ptr + n * sbn, mask=n_ok, other=0.0).to(tl.float32)
-    z = tl.where(n_ok, logits / temperature, float("-inf"))
-    e = tl.where(n_ok, tl.exp(z - tl.max(z, axis=0)), 0.0)
-    p = e / tl.sum(e, axis=0)
+    z = tl.where(n_ok, tl.fdiv(logits, temperature), float("-inf"))
+    e = tl.where(n_ok, tl.exp(z - tl.max(z, axis=1)[:, None]), 0.0)
+    p = tl.fdiv(e, tl.sum(e, axis=1)[:, None])
     w = p
     if TOPK:
-        w = tl.where(_topk_keep(p, n, n_ok, k, N), p, 0.0)
+        w = tl.where(_topk_keep(p, n, n_ok, k, N, BLOCK_N), p, 0.0)
         if RENORM:
-            w = w / tl.sum(w, axis=0)
-    return p, w
+            w = tl.fdiv(w, tl.sum(w, axis=1)[:, None])
+    valid = b_ok[:, None] & n_ok
+    return tl.where(valid, p, 0.0), tl.where(valid, w, 0.0)
 
 
 @triton.jit
@@ -200,15 +206,13 @@ def _route_mix_kernel(
         w0, w1, lw0, lw1 = _source_taps(ow, scale_w, SW)
     out_chunk = out_ptr + o  # image b0, channel 0 (pointer steps: B*D*H'*W' may pass 2^31)
     for b0 in range(0, B, BLOCK_B):
-        mix = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)  # row i: the weights of image b0 + i
-        for i in range(BLOCK_B):
-            b = tl.minimum(b0 + i, B - 1)  # rows past B repeat the last image and are never stored
-            p, w = _route(part_ptr, weight_ptr, bias_ptr, emb_ptr, b, emb_limit, C, N, SPLIT, inv_hw,
-                          temperature, k, swn, swc, sbn, HAS_BIAS, TOPK, RENORM, BLOCK_N, BLOCK_C)
-            tl.store(probs_ptr + b * N + n, p, mask=n < row_limit)
-            tl.store(mixw_ptr + b * N + n, w, mask=n < row_limit)
-            tl.store(routing_ptr + b * N + n, w.to(routing_ptr.dtype.element_ty), mask=n < row_limit)
-            mix = tl.where((rows == i)[:, None], w[None, :], mix)
+        p, mix = _route(part_ptr, weight_ptr, bias_ptr, emb_ptr, b0, emb_limit, B, C, N, SPLIT, inv_hw, temperature,
+                        k, swn, swc, sbn, HAS_BIAS, TOPK, RENORM, BLOCK_B, BLOCK_N, BLOCK_C)  # row i: image b0 + i
+        b = b0 + rows
+        rows_mask = (b < B)[:, None] & (n < row_limit)[None, :]
+        tl.store(probs_ptr + b[:, None] * N + n[None, :], p, mask=rows_mask)
+        tl.store(mixw_ptr + b[:, None] * N + n[None, :], mix, mask=rows_mask)
+        tl.store(routing_ptr + b[:, None] * N + n[None, :], mix.to(routing_ptr.dtype.element_ty), mask=rows_mask)
         # components selected by an image of this step; the others are not read
         selected = tl.max(tl.abs(mix), axis=0) != 0.0
         mask = (selected & n_ok)[:, None] & o_ok[None, :]
@@ -243,7 +247,7 @@ def _route_mix_kernel(
 @triton.jit
 def _first_reader(src_index, scale, in_size):
     """Smallest output index whose bilinear taps can include input ``src_index`` (i0 >= src_index - 1)."""
-    t = tl.maximum((src_index.to(tl.float32) - 0.5) / scale - 0.5, 0.0)
+    t = tl.maximum(tl.fdiv(src_index.to(tl.float32) - 0.5, scale) - 0.5, 0.0)
     first = t.to(tl.int32)
     i0, _, _, _ = _source_taps(first, scale, in_size)
     return first + (i0 < src_index - 1).to(tl.int32)  # one step corrects the rounding of t
@@ -351,14 +355,14 @@ def _router_grad_kernel(
         p = tl.load(probs_ptr + b * N + n, mask=n_ok, other=0.0)
         dp = dw
         if TOPK:
-            keep = _topk_keep(p, n, n_ok, k, N)
+            keep = tl.max(_topk_keep(p[None, :], n[None, :], n_ok[None, :], k, N, BLOCK_N).to(tl.int32), axis=0) != 0
             if RENORM:
                 w = tl.load(mixw_ptr + b * N + n, mask=n_ok, other=0.0)
                 kept_mass = tl.sum(tl.where(keep, p, 0.0), axis=0)
-                dp = tl.where(keep, (dw - tl.sum(dw * w, axis=0)) / kept_mass, 0.0)
+                dp = tl.where(keep, tl.fdiv(dw - tl.sum(dw * w, axis=0), kept_mass), 0.0)
             else:
                 dp = tl.where(keep, dw, 0.0)
-        dlogits = tl.where(n_ok, p * (dp - tl.sum(p * dp, axis=0)) / temperature, 0.0)
+        dlogits = tl.where(n_ok, tl.fdiv(p * (dp - tl.sum(p * dp, axis=0)), temperature), 0.0)
         grad_emb = tl.sum(dlogits[:, None] * w_tile, axis=0) * inv_hw
         tl.store(grad_emb_ptr + b * C + c, grad_emb.to(grad_emb_ptr.dtype.element_ty), mask=c_ok)
         emb = tl.load(emb_ptr + b * C + c, mask=c_ok, other=0.0)
@@ -397,6 +401,7 @@ class ForwardPlan(NamedTuple):
     block: int  # output pixels per mix program
     block_b: int  # images whose router weights a mix program holds at once
     d_per_program: int  # prompt channels per mix program (they share its router work)
+    num_warps: int  # warps per mix program
 
 
 class BackwardPlan(NamedTuple):
@@ -450,17 +455,21 @@ def forward_plan(
     split = overrides.pop("split", max(1, split) if cuda else 1)
     hw_per_split = triton.cdiv(triton.cdiv(hw, split), gap_block_hw) * gap_block_hw
     split = triton.cdiv(hw, hw_per_split)
-    router_block_c = min(_pow2(c), max(4, 1024 // block_n))
+    # the (N, block) tiles of resized prompt components and their tap pointers stay in registers; ptxas
+    # spills below 32 lanes a row at N=64 and above 16 at N >= 128 (then with 8 warps)
+    num_warps = 8 if cuda and block_n >= 128 else 4
     if cuda:
-        block = min(_pow2(count, 32), max(64, 2048 // block_n))
+        block = min(_pow2(count, 16), max(16 if block_n >= 128 else 32, 1024 // block_n))
     else:
         block = min(_pow2(count), 1024)
     block = overrides.pop("block", block)
-    block_b = min(_pow2(b), 16, max(1, 1024 // block_n))
+    block_b = overrides.pop("block_b", min(_pow2(b), 16, max(1, 512 // block_n)))
+    # the router's (block_b, N, router_block_c) product tile: at most 2048 values
+    router_block_c = min(_pow2(c), max(1, 2048 // (block_b * block_n)))
     # about 2 programs per SM: each computes the router of every image once for all its channels
     d_groups = max(1, min(d, triton.cdiv(2 * sms, triton.cdiv(count, block)))) if cuda else 1
     plan = ForwardPlan(gap_block_c, gap_block_hw, split, hw_per_split, router_block_c, block, block_b,
-                       triton.cdiv(d, d_groups))
+                       triton.cdiv(d, d_groups), num_warps)
     return plan._replace(**overrides)
 
 
@@ -469,9 +478,9 @@ def backward_plan(b: int, c: int, n: int, d: int, s: int, *, cuda: bool, sms: in
     On CUDA the prompt-grad grid is about 4 programs per SM (``sms``); each program sums its dL/dw over
     ``d_per_program`` channels, so the router-grad kernel reduces that many partials per image."""
     block_n = _pow2(n, 2)
-    if cuda:
-        block_b = min(_pow2(b), 4)
-        block = min(_pow2(s * s, 32), max(32, 2048 // (block_n * block_b)))
+    if cuda:  # the (block_b, N, block) product tile stays in registers
+        block_b = min(_pow2(b), 4, max(1, 128 // block_n))
+        block = min(_pow2(s * s, 16), max(16, 1024 // (block_n * block_b)))
     else:
         block_b, block = min(_pow2(b), 16), min(_pow2(s * s), 1024)
     block_b = overrides.pop("block_b", block_b)
@@ -480,8 +489,8 @@ def backward_plan(b: int, c: int, n: int, d: int, s: int, *, cuda: bool, sms: in
     d_groups = max(1, min(d, triton.cdiv(4 * sms, s_blocks))) if cuda else 1
     d_per_program = overrides.pop("d_per_program", triton.cdiv(d, d_groups))
     parts = s_blocks * triton.cdiv(d, d_per_program)
-    block_p = min(_pow2(parts), max(16, 2048 // block_n))
-    block_c = min(_pow2(c), 32 if cuda else 64)
+    block_p = min(_pow2(parts), max(16, 1024 // block_n))
+    block_c = min(_pow2(c), max(4, 1024 // block_n), 32 if cuda else 64)
     plan = BackwardPlan(block_b, block, d_per_program, block_p, block_c)
     return plan._replace(**overrides)
 
@@ -530,7 +539,7 @@ def forward(
             *prompts.stride(), out.stride(0),
             HAS_BIAS=bias is not None, TOPK=topk, RENORM=bool(renorm) and topk, IDENTITY=(oh, ow) == (sh, sw),
             D_PER=plan.d_per_program, BLOCK_B=plan.block_b, BLOCK_N=block_n, BLOCK_C=plan.router_block_c,
-            BLOCK=plan.block,
+            BLOCK=plan.block, num_warps=plan.num_warps,
         )
     return ForwardResult(out, routing, emb, probs, mixw)
 
