@@ -48,7 +48,6 @@ measures the peak of live tensor bytes on any device (a ``TorchDispatchMode``; o
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections import defaultdict
 from typing import Callable, Mapping, Sequence
@@ -593,19 +592,21 @@ def estimate_streaming_bytes(model, batch: int, height: int, width: int, chunk_r
 def _whole_elements(w: dict, hw: int) -> float:
     d1, d2, d3, d4, (p1, p2, p3) = w["d1"], w["d2"], w["d3"], w["d4"], w["p"]
     image = 3 * hw
-    skips = d1 * hw + d2 * hw / 4 + d3 * hw / 16
     level1 = 2 * d1 * hw  # decoder level 1's input buffer, holding enc1 from the start
+    enc2, enc3, latent = d2 * hw / 4, d3 * hw / 16, d4 * hw / 64  # levels 2-4 at H/2, H/4, H/8
+    slot3, slot2, slot1 = (d4 + p3) * hw / 64, (d3 + p2) * hw / 16, (d2 + p1) * hw / 4  # slot blocks' inputs
+    base = image + level1
     stages = [
-        image + level1 + skips - d1 * hw + d4 * hw / 64,  # end of the encoder
-        image + level1 + d2 * hw / 4 + (d3 + d3 + d4 + p3) * hw / 16,  # decoder level 3 input written
-        image + level1 + (d2 + d3 + (d3 + p2)) * hw / 4,  # decoder level 2 input written
-        image + level1 + (d2 + p1) * hw / 4,  # decoder level 1 input written
-        image + level1 + 3 * hw,  # output written
+        base + enc2 + enc3 + latent + slot3,  # slot 3 input written next to the latent
+        base + enc2 + enc3 + slot3 + d3 * hw / 16,  # decoder level 3 input written
+        base + enc2 + enc3 + d3 * hw / 16 + slot2,  # slot 2 input written
+        base + enc2 + slot2 + d2 * hw / 4,  # decoder level 2 input written
+        base + enc2 + d2 * hw / 4 + slot1,  # slot 1 input written
+        base + slot1,  # decoder level 1 input written
+        base + 3 * hw,  # output written
     ]
-    if w["kind"] in ("promptir", "cpl"):
-        stages.append(image + level1 + (d2 + d2 + p1) * hw / 4)  # slot 1 input (feature + prompt) written
     if w["kind"] == "pip":
-        stages.append(image + level1 + skips - d1 * hw + 2 * max(d1, p1) * hw)  # level-1 prompt: padded skip
+        stages.append(base + enc2 + enc3 + latent + 2 * max(d1, p1) * hw)  # level-1 prompt: padded skip
     return max(stages)
 
 
