@@ -10,6 +10,7 @@ import math
 from typing import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -71,11 +72,13 @@ def positive_scalar(name: str, value: object) -> float:
 
 
 def positive_values(name: str, t: torch.Tensor) -> None:
-    """Every value of ``t`` finite and > 0 — checked where it costs no device sync: CPU tensors, and
-    tensors that do not require grad (user-given constants). A trainable CUDA parameter (Restormer's
-    per-head temperature) is not synced on every call."""
-    if t.device.type != "cpu" and t.requires_grad:
+    """Every value of ``t`` finite and > 0, for user-given constants (tensors that do not require grad).
+    A trainable parameter (Restormer's per-head temperature) is the model's own business: it is not
+    checked (a check would sync the device on every call, and training may legitimately move it)."""
+    if t.requires_grad:
         return
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or is_fake(t):
+        return  # traced values have no data to check (and a data-dependent branch would break the trace)
     bad = ~torch.isfinite(t) | (t <= 0)
     if bool(bad.any()):
         raise ValueError(f"{name} must be finite and > 0 everywhere, got {t.detach().flatten().tolist()[:8]}")

@@ -357,6 +357,19 @@ def make_train_dataset(config: TrainConfig) -> Dataset:
     return dataset
 
 
+class _Indexed(Dataset):
+    """Items of ``dataset`` with their index in the whole data stream (``first`` + position) added."""
+
+    def __init__(self, dataset: Dataset, first: int):
+        self.dataset, self.first = dataset, first
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[i], "index": self.first + i}
+
+
 @dataclass
 class TrainResult:
     out_dir: Path
@@ -616,9 +629,14 @@ class Trainer:
         y = batch["target"].to(self.device, non_blocking=True)
         labels = batch["task"].to(self.device) if self.config.prompt in ("pip", "dppd") else None
         k = self.config.num_negatives if self.cpr is not None else 0
+        negative_args = {}
+        if k:
+            negative_args["negative_mode"] = self.config.cpr_negatives
+            if "index" in batch:  # per-image seeds: the same negatives on any number of processes
+                negative_args["generator"] = torch.tensor(
+                    [derive_seed("cpr-negatives", self.config.seed, int(i)) >> 4 for i in batch["index"]])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-            out, aux = (self.ddp or self.model)(x, labels=labels, num_negatives=k, return_aux=True,
-                                                **({"negative_mode": self.config.cpr_negatives} if k else {}))
+            out, aux = (self.ddp or self.model)(x, labels=labels, num_negatives=k, return_aux=True, **negative_args)
         self._count_routing(batch["task"], aux.get("routing", {}))
         out = out.float()
         pixel_loss = self.config.pixel_loss_name
@@ -671,7 +689,8 @@ class Trainer:
     def _batches(self, stop: int):
         """Micro-batches for steps ``self.step … stop−1`` on this rank (module docstring)."""
         cfg = self.config
-        window = Subset(self.dataset, range(self.step * cfg.batch, stop * cfg.batch))
+        window = _Indexed(Subset(self.dataset, range(self.step * cfg.batch, stop * cfg.batch)),
+                          self.step * cfg.batch)
         sampler = DistributedSampler(window, num_replicas=self.world_size, rank=self.rank, shuffle=False, drop_last=True)
         return DataLoader(
             window, batch_size=self.micro_batch, sampler=sampler, num_workers=cfg.workers,

@@ -282,6 +282,6 @@ def test_topm_channel_attention_refuses_non_positive_or_non_finite_temperature(b
     temperature = torch.tensor([1.0, bad])
     with pytest.raises(ValueError, match=r"^temperature must be finite and > 0"):
         functional.topm_channel_attention(q, q, q, temperature)
-    # a trainable temperature on the CPU is checked too (no device sync to avoid here)
-    with pytest.raises(ValueError, match=r"^temperature"):
-        functional.topm_channel_attention(q, q, q, temperature.requires_grad_())
+    # a trainable temperature is the model's own business (training may move it): not checked
+    out = functional.topm_channel_attention(q, q, q, torch.tensor([1.0, 0.5], requires_grad=True))
+    assert out.shape == q.shape

@@ -163,7 +163,7 @@ class SparsePromptModule(PromptGenBlock):
         return (self.prompt_param.shape[1] - self.top_k) // self.top_k
 
     def negative_routing(self, routing: torch.Tensor, num_negatives: int, *, mode: str = "random",
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+                         generator: torch.Generator | torch.Tensor | None = None) -> torch.Tensor:
         """Mismatched routing ``(K,B,N)`` from the router's ``routing (B,N)``, for CPR's negatives.
 
         Per image: the *kept* components are the k largest weights of ``routing`` (lower index first on
@@ -175,8 +175,12 @@ class SparsePromptModule(PromptGenBlock):
         * ``mode="random"`` (default; the CPL paper's choice): ``u`` is a uniformly random permutation
           of the unselected components, drawn independently per image (and per call) from
           ``generator`` (default: torch's default generator of ``routing``'s device — the training
-          generator, which the trainer seeds and stores in its checkpoints). The K negatives of one
-          image use distinct prompts (drawn without replacement).
+          generator, which the trainer seeds and stores in its checkpoints). ``generator`` may instead
+          be an int64 tensor ``(B,)`` of per-image seeds: image b's permutation is then drawn from a
+          generator seeded with ``seeds[b]``, so it does not depend on how a batch is split across
+          processes or micro-batches (the trainer derives the seeds from the run seed and each image's
+          index in the data stream). The K negatives of one image use distinct prompts (drawn without
+          replacement).
         * ``mode="ordered"``: ``u`` lists the unselected components in index order.
 
         ``1 <= K <= (N-k)//k``. The result carries no gradient (``routing`` is detached).
@@ -197,7 +201,13 @@ class SparsePromptModule(PromptGenBlock):
         order = _kept_order(routing)
         kept_values = torch.gather(routing, 1, order[:, :k])
         unselected = order[:, k:].sort(dim=1).values  # index order (also for a dense routing row)
-        if mode == "random":
+        if mode == "random" and isinstance(generator, torch.Tensor):
+            if generator.shape != (routing.shape[0],):
+                raise ValueError(f"per-image seeds must have shape ({routing.shape[0]},), got {tuple(generator.shape)}")
+            keys = torch.stack([torch.rand(unselected.shape[1], generator=torch.Generator().manual_seed(int(seed)))
+                                for seed in generator.tolist()]).to(routing.device)
+            unselected = torch.gather(unselected, 1, keys.argsort(dim=1))
+        elif mode == "random":
             keys = torch.rand(unselected.shape, device=routing.device, generator=generator)
             unselected = torch.gather(unselected, 1, keys.argsort(dim=1))
         negatives = []

@@ -493,9 +493,13 @@ class PromptIR(nn.Module):
                     f"got {count}"
                 )
         batch = x.shape[0]
+        def slot_generator(slot: int):  # per-image seeds: a distinct stream per slot
+            return generator * 4 + slot if isinstance(generator, torch.Tensor) else generator
+
         negative_routing = {
-            key: getattr(self, key).negative_routing(state.routing[key], count, mode=mode, generator=generator)
-            for key in self.routing_keys
+            key: getattr(self, key).negative_routing(state.routing[key], count, mode=mode,
+                                                     generator=slot_generator(slot))
+            for slot, key in enumerate(self.routing_keys)
         }
 
         def repeat(t: torch.Tensor) -> torch.Tensor:
