@@ -20,9 +20,10 @@ Forward, two launches:
      read through its strides (NCHW, channels-last or any view), fp32.
   2. ``_route_mix_kernel``    grid (H'W'/BLOCK, D/D_PER): every program recomputes the router from ``part``
      (emb, logits, softmax, top-k, renorm; ``B*(SPLIT+N)*C`` loads that hit L2, no launch of its own),
-     BLOCK_B images at a time, holds their weights in registers, takes the bilinear taps of the prompt
+     BLOCK_B = 16 images at a time as (BLOCK_B, N) tiles, takes the bilinear taps of the prompt
      components one of them selected (the others are not read) for each of its D_PER channels and writes
-     one weighted sum per image. Program (0, 0) also writes emb, probs, mixw and routing.
+     the weighted sums of all BLOCK_B images with one (BLOCK_B, N) x (N, BLOCK) tl.dot (precision per
+     ``_device.dot_precision``). Program (0, 0) also writes emb, probs, mixw and routing.
 
 Backward (grad_out ``(B,D,H',W')``, grad_routing ``(B,N)``, either may be absent), two launches:
   3. ``_prompt_grad_kernel``  grid (S*S/BLOCK, D/D_PER): per prompt pixel and channel, the transposed
@@ -45,7 +46,7 @@ HBM bytes (e = element size; S^2 = S*S; prompts read only for selected component
 Example, PromptIR level 1 at 128^2 training patches (B=8, C=96, H=W=S=64, D=64, N=5, fp32, H200 plan):
 x 12.6 MB, out 8.4 MB, prompts 5.2 MB, partials 9 KB -> forward 26.2 MB; backward 8.4 + 2*5.2 MB +
 164 KB of partials (PARTS = 640) = 19.0 MB: 45 MB, ~10-14 us at 3.3-4.8 TB/s, in four launches
-(grids: GAP 8x24x3 = 576 programs (channels-last 8x3x8 = 192), route-mix 32x8 = 256, prompt-grad
+(grids: GAP 8x24x3 = 576 programs (channels-last 8x3x8 = 192), route-mix 64x5 = 320, prompt-grad
 128x5 = 640, router-grad 3) where there were six plus zero fills. The router recomputation costs each
 mix program one pass over the 9 KB of partials and the 2 KB weight (L1/L2 hits, no HBM).
 The eager reference additionally writes and re-reads the (B,D,S,S) mix, the interpolate output and a
@@ -60,9 +61,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import device_guard, sm_count
+from ._device import device_guard, dot_precision, sm_count
 
-MAX_COMPONENTS = 256  # N above this would not fit a component tile in registers
+MAX_COMPONENTS = 64  # N above this would not fit the component tiles in registers without spills
 MAX_SPLIT = 8  # GAP splits along H*W (every mix program re-reads all B*SPLIT*C partials)
 
 
@@ -185,11 +186,12 @@ def _route_mix_kernel(
     swn, swc, sbn, spn, spd, sph, spw, sob,
     HAS_BIAS: tl.constexpr, TOPK: tl.constexpr, RENORM: tl.constexpr, IDENTITY: tl.constexpr,
     D_PER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """out[b, d, o] = sum_n w[b, n] * resize(prompts[n, d])[o] for a block of output pixels o and the
     D_PER channels d of this program, with the router weights w recomputed here from the GAP partials,
-    BLOCK_B images at a time (program (0, 0) also stores emb/probs/mixw/routing)."""
+    BLOCK_B images at a time (program (0, 0) also stores emb/probs/mixw/routing). The sum over n is a
+    (BLOCK_B, BLOCK_N) x (BLOCK_N, BLOCK) tl.dot (all three >= 16; padding rows and components are 0)."""
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     count = OH * OW
     o_ok = o < count
@@ -204,7 +206,6 @@ def _route_mix_kernel(
     if not IDENTITY:
         h0, h1, lh0, lh1 = _source_taps(oh, scale_h, SH)
         w0, w1, lw0, lw1 = _source_taps(ow, scale_w, SW)
-    out_chunk = out_ptr + o  # image b0, channel 0 (pointer steps: B*D*H'*W' may pass 2^31)
     for b0 in range(0, B, BLOCK_B):
         p, mix = _route(part_ptr, weight_ptr, bias_ptr, emb_ptr, b0, emb_limit, B, C, N, SPLIT, inv_hw, temperature,
                         k, swn, swc, sbn, HAS_BIAS, TOPK, RENORM, BLOCK_B, BLOCK_N, BLOCK_C)  # row i: image b0 + i
@@ -232,16 +233,12 @@ def _route_mix_kernel(
                 bot += lw1[None, :] * tl.load(base + (h1 * sph + w1 * spw)[None, :], mask=d_mask, other=0.0).to(
                     tl.float32)
                 resized = lh0[None, :] * top + lh1[None, :] * bot
-            out_b = out_chunk + d.to(tl.int64) * count
-            limit = tl.where(d < D, count, 0)
-            for i in range(BLOCK_B):
-                w = tl.sum(tl.where((rows == i)[:, None], mix, 0.0), axis=0)
-                value = tl.sum(w[:, None] * resized, axis=0)
-                store_limit = tl.where(b0 + i < B, limit, 0)
-                tl.store(out_b, value.to(out_ptr.dtype.element_ty), mask=o < store_limit)
-                out_b += sob
-        for i in range(BLOCK_B):
-            out_chunk += sob
+            # out[b0 + i, d, o] = sum_n mix[i, n] * resized[n, o] for the BLOCK_B images at once
+            value = tl.dot(mix, resized, input_precision=PRECISION)
+            b = b0 + rows
+            out_rows = out_ptr + b[:, None].to(tl.int64) * sob + d.to(tl.int64) * count + o[None, :]
+            store_mask = (b < B)[:, None] & (o < tl.where(d < D, count, 0))[None, :]
+            tl.store(out_rows, value.to(out_ptr.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit
@@ -327,11 +324,12 @@ def _router_grad_kernel(
     B, C, N, PARTS, k, temperature, inv_hw,
     swn, swc, sgrb, sgrn,
     HAS_PARTS: tl.constexpr, HAS_GRAD_ROUTING: tl.constexpr, TOPK: tl.constexpr, RENORM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """For a block of channels c and every image b: dL/dw[b] = sum of the dmix partials + grad_routing[b];
-    (renorm, top-k, softmax Jacobian) -> dlogits[b]; grad_emb[b, c] = dlogits[b] @ weight[:, c] / (H*W);
-    grad_weight[:, c] = sum_b dlogits[b, :, None] emb[b, c]; program 0: grad_bias = sum_b dlogits[b]."""
+    """For a block of channels c and every image b (BLOCK_B at a time): dL/dw[b] = sum of the dmix partials
+    + grad_routing[b]; (renorm, top-k, softmax Jacobian) -> dlogits[b]; grad_emb[b, c] = dlogits[b] @
+    weight[:, c] / (H*W); grad_weight[:, c] = sum_b dlogits[b, :, None] emb[b, c]; program 0:
+    grad_bias = sum_b dlogits[b]."""
     pid = tl.program_id(0)
     c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
@@ -341,33 +339,40 @@ def _router_grad_kernel(
     w_tile = tl.load(weight_ptr + n[:, None] * swn + c[None, :] * swc, mask=nc_mask, other=0.0).to(tl.float32)
     grad_w = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
     grad_b = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for b in range(B):
-        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        b_ok = b < B
+        bn_mask = b_ok[:, None] & n_ok[None, :]
+        dw = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
         if HAS_PARTS:
-            acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_B, BLOCK_P, BLOCK_N], dtype=tl.float32)
             for p0 in range(0, PARTS, BLOCK_P):
                 p_idx = p0 + tl.arange(0, BLOCK_P)
-                offsets = (b * PARTS + p_idx[:, None]) * BLOCK_N + n[None, :]
-                acc += tl.load(dmix_part_ptr + offsets, mask=(p_idx < PARTS)[:, None] & n_ok[None, :], other=0.0)
-            dw += tl.sum(acc, axis=0)
+                offsets = (b[:, None, None] * PARTS + p_idx[None, :, None]) * BLOCK_N + n[None, None, :]
+                mask = bn_mask[:, None, :] & (p_idx < PARTS)[None, :, None]
+                acc += tl.load(dmix_part_ptr + offsets, mask=mask, other=0.0)
+            dw += tl.sum(acc, axis=1)
         if HAS_GRAD_ROUTING:
-            dw += tl.load(grad_routing_ptr + b * sgrb + n * sgrn, mask=n_ok, other=0.0).to(tl.float32)
-        p = tl.load(probs_ptr + b * N + n, mask=n_ok, other=0.0)
+            dw += tl.load(grad_routing_ptr + b[:, None] * sgrb + n[None, :] * sgrn, mask=bn_mask, other=0.0).to(
+                tl.float32)
+        p = tl.load(probs_ptr + b[:, None] * N + n[None, :], mask=bn_mask, other=0.0)
         dp = dw
         if TOPK:
-            keep = tl.max(_topk_keep(p[None, :], n[None, :], n_ok[None, :], k, N, BLOCK_N).to(tl.int32), axis=0) != 0
+            keep = _topk_keep(p, n[None, :], n_ok[None, :], k, N, BLOCK_N)
             if RENORM:
-                w = tl.load(mixw_ptr + b * N + n, mask=n_ok, other=0.0)
-                kept_mass = tl.sum(tl.where(keep, p, 0.0), axis=0)
-                dp = tl.where(keep, tl.fdiv(dw - tl.sum(dw * w, axis=0), kept_mass), 0.0)
+                w = tl.load(mixw_ptr + b[:, None] * N + n[None, :], mask=bn_mask, other=0.0)
+                kept_mass = tl.sum(tl.where(keep, p, 0.0), axis=1)
+                kept_mass = tl.where(b_ok, kept_mass, 1.0)
+                dp = tl.where(keep, tl.fdiv(dw - tl.sum(dw * w, axis=1)[:, None], kept_mass[:, None]), 0.0)
             else:
                 dp = tl.where(keep, dw, 0.0)
-        dlogits = tl.where(n_ok, tl.fdiv(p * (dp - tl.sum(p * dp, axis=0)), temperature), 0.0)
-        grad_emb = tl.sum(dlogits[:, None] * w_tile, axis=0) * inv_hw
-        tl.store(grad_emb_ptr + b * C + c, grad_emb.to(grad_emb_ptr.dtype.element_ty), mask=c_ok)
-        emb = tl.load(emb_ptr + b * C + c, mask=c_ok, other=0.0)
-        grad_w += dlogits[:, None] * emb[None, :]
-        grad_b += dlogits
+        dlogits = tl.where(bn_mask, tl.fdiv(p * (dp - tl.sum(p * dp, axis=1)[:, None]), temperature), 0.0)
+        grad_emb = tl.sum(dlogits[:, :, None] * w_tile[None, :, :], axis=1) * inv_hw
+        bc_mask = b_ok[:, None] & c_ok[None, :]
+        tl.store(grad_emb_ptr + b[:, None] * C + c[None, :], grad_emb.to(grad_emb_ptr.dtype.element_ty), mask=bc_mask)
+        emb = tl.load(emb_ptr + b[:, None] * C + c[None, :], mask=bc_mask, other=0.0)
+        grad_w += tl.sum(dlogits[:, :, None] * emb[:, None, :], axis=0)
+        grad_b += tl.sum(dlogits, axis=0)
     tl.store(grad_weight_ptr + n[:, None] * C + c[None, :], grad_w.to(grad_weight_ptr.dtype.element_ty), mask=nc_mask)
     tl.store(grad_bias_ptr + n, grad_b.to(grad_bias_ptr.dtype.element_ty), mask=n < tl.where(pid == 0, N, 0))
 
@@ -410,6 +415,7 @@ class BackwardPlan(NamedTuple):
     block_b: int  # images per step of the prompt-grad kernel
     block: int  # prompt pixels per prompt-grad program
     d_per_program: int  # prompt channels per prompt-grad program
+    router_block_b: int  # images per step of the router-grad kernel
     block_p: int  # dL/dw partials per reduction step of the router-grad kernel
     block_c: int  # channels per router-grad program
 
@@ -457,13 +463,14 @@ def forward_plan(
     split = triton.cdiv(hw, hw_per_split)
     # the (N, block) tiles of resized prompt components and their tap pointers stay in registers; ptxas
     # spills below 32 lanes a row at N=64 and above 16 at N >= 128 (then with 8 warps)
+    block_n = max(block_n, 16)  # tl.dot operands
     num_warps = 8 if cuda and block_n >= 128 else 4
     if cuda:
         block = min(_pow2(count, 16), max(16 if block_n >= 128 else 32, 1024 // block_n))
     else:
-        block = min(_pow2(count), 1024)
+        block = min(_pow2(count, 16), 1024)
     block = overrides.pop("block", block)
-    block_b = overrides.pop("block_b", min(_pow2(b), 16, max(1, 512 // block_n)))
+    block_b = overrides.pop("block_b", 16)  # images per router step and per dot (its minimum)
     # the router's (block_b, N, router_block_c) product tile: at most 2048 values
     router_block_c = min(_pow2(c), max(1, 2048 // (block_b * block_n)))
     # about 2 programs per SM: each computes the router of every image once for all its channels
@@ -489,9 +496,11 @@ def backward_plan(b: int, c: int, n: int, d: int, s: int, *, cuda: bool, sms: in
     d_groups = max(1, min(d, triton.cdiv(4 * sms, s_blocks))) if cuda else 1
     d_per_program = overrides.pop("d_per_program", triton.cdiv(d, d_groups))
     parts = s_blocks * triton.cdiv(d, d_per_program)
-    block_p = min(_pow2(parts), max(16, 1024 // block_n))
-    block_c = min(_pow2(c), max(4, 1024 // block_n), 32 if cuda else 64)
-    plan = BackwardPlan(block_b, block, d_per_program, block_p, block_c)
+    # router-grad: (router_block_b, block_p, N) partial tiles and (router_block_b, N, block_c) products
+    router_block_b = min(_pow2(b), 2)
+    block_p = min(_pow2(parts), max(1, 1024 // (router_block_b * block_n)))
+    block_c = min(_pow2(c), max(4, 1024 // (router_block_b * block_n)), 32 if cuda else 64)
+    plan = BackwardPlan(block_b, block, d_per_program, router_block_b, block_p, block_c)
     return plan._replace(**overrides)
 
 
@@ -538,8 +547,8 @@ def forward(
             weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
             *prompts.stride(), out.stride(0),
             HAS_BIAS=bias is not None, TOPK=topk, RENORM=bool(renorm) and topk, IDENTITY=(oh, ow) == (sh, sw),
-            D_PER=plan.d_per_program, BLOCK_B=plan.block_b, BLOCK_N=block_n, BLOCK_C=plan.router_block_c,
-            BLOCK=plan.block, num_warps=plan.num_warps,
+            D_PER=plan.d_per_program, BLOCK_B=plan.block_b, BLOCK_N=max(block_n, 16), BLOCK_C=plan.router_block_c,
+            BLOCK=plan.block, PRECISION=dot_precision(x.dtype, device), num_warps=plan.num_warps,
         )
     return ForwardResult(out, routing, emb, probs, mixw)
 
@@ -604,7 +613,8 @@ def backward(
             weight.stride(0), weight.stride(1),
             *(grad_routing.stride() if grad_routing is not None else (0, 0)),
             HAS_PARTS=grad_out is not None, HAS_GRAD_ROUTING=grad_routing is not None, TOPK=topk,
-            RENORM=bool(renorm) and topk, BLOCK_N=block_n, BLOCK_P=plan.block_p, BLOCK_C=plan.block_c,
+            RENORM=bool(renorm) and topk, BLOCK_B=plan.router_block_b, BLOCK_N=block_n, BLOCK_P=plan.block_p,
+            BLOCK_C=plan.block_c,
         )
     return BackwardResult(grad_emb, grad_weight, grad_bias, grad_prompts)
 

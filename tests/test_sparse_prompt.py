@@ -507,13 +507,14 @@ def test_cuda_plans_at_prompt_level1(kernels):
     b, c, hw, n, d, s = (LEVEL1[key] for key in ("b", "c", "hw", "n", "d", "s"))
     nchw = kernels.forward_plan(b, c, hw, hw, n, d, (hw, hw), channels_last=False, cuda=True, sms=H200_SMS)
     assert nchw == kernels.ForwardPlan(gap_block_c=4, gap_block_hw=512, split=3, hw_per_split=1536,
-                                       router_block_c=32, block=128, block_b=8, d_per_program=8, num_warps=4)
+                                       router_block_c=8, block=64, block_b=16, d_per_program=13, num_warps=4)
     last = kernels.forward_plan(b, c, hw, hw, n, d, (hw, hw), channels_last=True, cuda=True, sms=H200_SMS)
     assert last == kernels.ForwardPlan(gap_block_c=32, gap_block_hw=32, split=8, hw_per_split=512,
-                                       router_block_c=32, block=128, block_b=8, d_per_program=8, num_warps=4)
+                                       router_block_c=8, block=64, block_b=16, d_per_program=13, num_warps=4)
     back = kernels.backward_plan(b, c, n, d, s, cuda=True, sms=H200_SMS)
-    assert back == kernels.BackwardPlan(block_b=4, block=32, d_per_program=13, block_p=128, block_c=32)
-    # partials per image: 128 pixel blocks x 5 channel groups; the router-grad kernel reduces them in 5 steps
+    assert back == kernels.BackwardPlan(block_b=4, block=32, d_per_program=13, router_block_b=2, block_p=64,
+                                        block_c=32)
+    # partials per image: 128 pixel blocks x 5 channel groups; the router-grad kernel reduces them in 10 steps
     assert triton_cdiv(s * s, back.block) * triton_cdiv(d, back.d_per_program) == 640
 
 
@@ -522,7 +523,7 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 # Scaled-down level 1 (identity resize, N=5, k=1): with the SM count below the CUDA planning picks the
-# level-1 block sizes (GAP 4x512 / 32x32, 128 output pixels x 8 images, 4 images x 32 prompt pixels) and
+# level-1 block sizes (GAP 4x512 / 32x32, 64 output pixels x 16 images, 4 images x 32 prompt pixels) and
 # still makes several GAP splits, several H*W iterations per split, several output / prompt blocks, several
 # channels per program and (backward) two image steps.
 SCALED = dict(b=5, c=17, hw=40, n=5, d=3, s=40)
@@ -548,13 +549,13 @@ def test_kernel_with_cuda_plan_scaled_level1(kernels, monkeypatch, layout):
                                                               level1_fwd.block)
     assert fwd.split > 1 and fwd.hw_per_split > fwd.gap_block_hw  # several splits, several iterations each
     assert triton_cdiv(hw * hw, fwd.block) > 1 and 1 < fwd.d_per_program < d and fwd.block_b == level1_fwd.block_b
-    assert (bwd.block_b, bwd.block) == (level1_bwd.block_b, level1_bwd.block)
+    assert bwd._replace(d_per_program=0) == level1_bwd._replace(d_per_program=0)
     assert triton_cdiv(s * s, bwd.block) > 1 and 1 < bwd.d_per_program < d and b > bwd.block_b
 
 
-FORCED_FORWARD = dict(gap_block_c=2, gap_block_hw=4, split=3, router_block_c=2, block=16, block_b=2,
+FORCED_FORWARD = dict(gap_block_c=2, gap_block_hw=4, split=3, router_block_c=2, block=16, block_b=16,
                       d_per_program=2, num_warps=4)
-FORCED_BACKWARD = dict(block_b=2, block=16, d_per_program=2, block_p=2, block_c=2)
+FORCED_BACKWARD = dict(block_b=2, block=16, d_per_program=2, router_block_b=2, block_p=2, block_c=2)
 
 
 @pytest.mark.parametrize(
@@ -565,9 +566,9 @@ FORCED_BACKWARD = dict(block_b=2, block=16, d_per_program=2, block_p=2, block_c=
 )
 def test_kernel_forced_small_blocks(kernels, monkeypatch, layout, k, renorm, size):
     """Every loop and grid axis more than once: 3 GAP splits of 6 iterations, 3 channel blocks in the GAP
-    and the router, several output and prompt blocks, 2 channel groups (the last one partial) and 2 image
-    steps (the last one partial) forward and backward, several partial-reduction steps and 3 router-grad
-    programs."""
+    and the router, several output and prompt blocks, 2 channel groups (the last one partial) forward and
+    backward, 2 image steps (the last one partial) in both backward kernels, several partial-reduction
+    steps and 3 router-grad programs. (Several forward image steps: test_kernel_many_images.)"""
     device = _target_or_skip()
     b, c, h, w, n, d, s = 3, 5, 7, 9, 7, 3, 7
     used = _plans_for(kernels, monkeypatch, FORCED_FORWARD, FORCED_BACKWARD)
@@ -583,6 +584,17 @@ def test_kernel_forced_small_blocks(kernels, monkeypatch, layout, k, renorm, siz
     assert fwd.split == 3 and fwd.hw_per_split == 24  # 63 positions: 24 + 24 + 15, 6 iterations each
     assert fwd._replace(split=3, hw_per_split=24) == kernels.ForwardPlan(**FORCED_FORWARD, hw_per_split=24)
     assert bwd == kernels.BackwardPlan(**FORCED_BACKWARD)
+
+
+def test_kernel_many_images(kernels, monkeypatch):
+    """B=19 > 16 images: two router/dot steps in the mix kernel (the second one partial), ten in the
+    router-grad kernel, five in the prompt-grad kernel."""
+    device = _target_or_skip()
+    used = _plans_for(kernels, monkeypatch, dict(block=16), dict(block_b=4, router_block_b=2))
+    inputs = make_inputs(19, 3, 3, 4, 5, 2, 3, dtype=torch.float32, device=device)
+    kernel, reference = run_both(*inputs, k=2, renorm=True, size=(5, 4))
+    assert_matches(kernel, reference, torch.float32)
+    assert used["forward"][0].block_b == 16
 
 
 # ----------------------------------------------------------------------------------- top-k ties, kernel
