@@ -10,8 +10,9 @@ Forward: one program per block of ``BLOCK_L`` pixels of one (b,h) (grid ``B*h*cd
 All M keys fit in one tile, so each row gets one exact softmax in a single pass, no online rescaling.
 The head dimension is walked in ``N_CHUNKS`` chunks of ``D_CHUNK`` columns (a power of two >= 16, chosen
 so d is padded as little as possible): the scores accumulate over the chunks of q and k, then each
-chunk of the output is ``P @ v_chunk``. The chunk loops are runtime loops (not unrolled): the k and v
-tiles of every chunk are then not hoisted out of the pixel loop and held as dot operands side by side.
+chunk of the output is ``P @ v_chunk``. With tf32x3 dots the chunk loops are runtime loops (not
+unrolled): the hi/lo k and v tiles of every chunk are then not hoisted out of the pixel loop and held as
+dot operands side by side (the other precisions keep unrolled loops, leaner there).
 
 Backward (P recomputed from q and k; nothing but the inputs is saved)::
 
@@ -91,6 +92,16 @@ def _softmax(raw, tok_ok, qk_scale):
 
 
 @triton.jit
+def _store_out(o_rows, probs, v_rows, pix_ok, tok_ok, D, so_d, sv_d, c, D_CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+    """Chunk ``c`` of the output rows: ``P @ v[:, chunk c]``."""
+    dim = c * D_CHUNK + tl.arange(0, D_CHUNK)
+    dim_ok = dim < D
+    v = tl.load(v_rows[:, None] + dim[None, :] * sv_d, mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
+    out = tl.dot(probs, v.to(tl.float32), input_precision=PRECISION)
+    tl.store(o_rows[:, None] + dim[None, :] * so_d, out.to(o_rows.dtype.element_ty), mask=pix_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
 def _token_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     H, L, M, D, qk_scale, n_lblocks,
@@ -103,6 +114,7 @@ def _token_attention_fwd_kernel(
     D_CHUNK: tl.constexpr,
     N_CHUNKS: tl.constexpr,
     PRECISION: tl.constexpr,
+    RUNTIME_LOOPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = pid // n_lblocks
@@ -116,33 +128,41 @@ def _token_attention_fwd_kernel(
     q_rows = q_ptr + batch * sq_b + head * sq_h + pix * sq_l
     kt_cols = k_ptr + batch * sk_b + head * sk_h + tok * sk_m
     raw = tl.zeros((BLOCK_L, BLOCK_M), dtype=tl.float32)
-    for c in range(0, N_CHUNKS):
-        raw = _scores(raw, q_rows, pix_ok, sq_d, kt_cols, tok_ok, sk_d, D, c, D_CHUNK, PRECISION)
+    if RUNTIME_LOOPS:
+        for c in range(0, N_CHUNKS):
+            raw = _scores(raw, q_rows, pix_ok, sq_d, kt_cols, tok_ok, sk_d, D, c, D_CHUNK, PRECISION)
+    else:
+        for c in tl.static_range(N_CHUNKS):
+            raw = _scores(raw, q_rows, pix_ok, sq_d, kt_cols, tok_ok, sk_d, D, c, D_CHUNK, PRECISION)
     probs = _softmax(raw, tok_ok, qk_scale)
 
     v_rows = v_ptr + batch * sv_b + head * sv_h + tok * sv_m
     o_rows = out_ptr + batch * so_b + head * so_h + pix * so_l
-    for c in range(0, N_CHUNKS):
-        dim = c * D_CHUNK + tl.arange(0, D_CHUNK)
-        dim_ok = dim < D
-        v = tl.load(v_rows[:, None] + dim[None, :] * sv_d, mask=tok_ok[:, None] & dim_ok[None, :], other=0.0)
-        out = tl.dot(probs, v.to(tl.float32), input_precision=PRECISION)
-        tl.store(o_rows[:, None] + dim[None, :] * so_d, out.to(out_ptr.dtype.element_ty),
-                 mask=pix_ok[:, None] & dim_ok[None, :])
+    if RUNTIME_LOOPS:
+        for c in range(0, N_CHUNKS):
+            _store_out(o_rows, probs, v_rows, pix_ok, tok_ok, D, so_d, sv_d, c, D_CHUNK, PRECISION)
+    else:
+        for c in tl.static_range(N_CHUNKS):
+            _store_out(o_rows, probs, v_rows, pix_ok, tok_ok, D, so_d, sv_d, c, D_CHUNK, PRECISION)
 
 
 @triton.jit
 def _probs_and_dscores(
     q_rows, g_rows, pix_ok, sq_d, sg_d, k_rows, v_rows, tok_ok, sk_d, sv_d, D, qk_scale,
     BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, D_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, RUNTIME_LOOPS: tl.constexpr,
 ):
     """P and dS = P * (dP - rowsum(P * dP)), dP = dout @ v^T, for one block of pixels."""
     raw = tl.zeros((BLOCK_L, BLOCK_M), dtype=tl.float32)
     dprobs = tl.zeros((BLOCK_L, BLOCK_M), dtype=tl.float32)
-    for c in range(0, N_CHUNKS):
-        raw = _scores(raw, q_rows, pix_ok, sq_d, k_rows, tok_ok, sk_d, D, c, D_CHUNK, PRECISION)
-        dprobs = _scores(dprobs, g_rows, pix_ok, sg_d, v_rows, tok_ok, sv_d, D, c, D_CHUNK, PRECISION)
+    if RUNTIME_LOOPS:
+        for c in range(0, N_CHUNKS):
+            raw = _scores(raw, q_rows, pix_ok, sq_d, k_rows, tok_ok, sk_d, D, c, D_CHUNK, PRECISION)
+            dprobs = _scores(dprobs, g_rows, pix_ok, sg_d, v_rows, tok_ok, sv_d, D, c, D_CHUNK, PRECISION)
+    else:
+        for c in tl.static_range(N_CHUNKS):
+            raw = _scores(raw, q_rows, pix_ok, sq_d, k_rows, tok_ok, sk_d, D, c, D_CHUNK, PRECISION)
+            dprobs = _scores(dprobs, g_rows, pix_ok, sg_d, v_rows, tok_ok, sv_d, D, c, D_CHUNK, PRECISION)
     probs = _softmax(raw, tok_ok, qk_scale)
     return probs, probs * (dprobs - tl.sum(probs * dprobs, axis=1)[:, None])
 
@@ -202,6 +222,7 @@ def _token_attention_bwd_kernel(
     N_OWN: tl.constexpr,
     PRECISION: tl.constexpr,
     WITH_DQ: tl.constexpr,
+    RUNTIME_LOOPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     col0 = tl.program_id(1) * (N_OWN * D_CHUNK)
@@ -233,7 +254,7 @@ def _token_attention_bwd_kernel(
         g_rows = g_base + pix * sg_l
         dq_rows = dq_base + pix * sdq_l
         probs, ds = _probs_and_dscores(q_rows, g_rows, pix_ok, sq_d, sg_d, k_rows, v_rows, tok_ok, sk_d, sv_d, D,
-                                       qk_scale, BLOCK_L, BLOCK_M, D_CHUNK, N_CHUNKS, PRECISION)
+                                       qk_scale, BLOCK_L, BLOCK_M, D_CHUNK, N_CHUNKS, PRECISION, RUNTIME_LOOPS)
         dk0, dv0 = _bwd_chunk(dk0, dv0, ds, probs, q_rows, g_rows, dq_rows, k_rows, pix_ok, tok_ok, D,
                               sq_d, sg_d, sdq_d, sk_d, scale, col0, 0, D_CHUNK, PRECISION, WITH_DQ)
         if N_OWN > 1:
@@ -270,6 +291,7 @@ def _token_attention_dq_kernel(
     D_CHUNK: tl.constexpr,
     N_CHUNKS: tl.constexpr,
     PRECISION: tl.constexpr,
+    RUNTIME_LOOPS: tl.constexpr,
 ):
     """dq alone, one program per pixel block (grid as the forward's), for plans whose fused backward
     would hold too many registers: ``dS @ k`` reduces over all M tokens at once."""
@@ -287,9 +309,13 @@ def _token_attention_dq_kernel(
     g_rows = dout_ptr + batch * sg_b + head * sg_h + pix * sg_l
     dq_rows = dq_ptr + batch * sdq_b + head * sdq_h + pix * sdq_l
     probs, ds = _probs_and_dscores(q_rows, g_rows, pix_ok, sq_d, sg_d, k_rows, v_rows, tok_ok, sk_d, sv_d, D,
-                                   qk_scale, BLOCK_L, BLOCK_M, D_CHUNK, N_CHUNKS, PRECISION)
-    for c in range(0, N_CHUNKS):
-        _store_dq(dq_rows, ds, k_rows, pix_ok, tok_ok, D, sdq_d, sk_d, scale, c, D_CHUNK, PRECISION)
+                                   qk_scale, BLOCK_L, BLOCK_M, D_CHUNK, N_CHUNKS, PRECISION, RUNTIME_LOOPS)
+    if RUNTIME_LOOPS:
+        for c in range(0, N_CHUNKS):
+            _store_dq(dq_rows, ds, k_rows, pix_ok, tok_ok, D, sdq_d, sk_d, scale, c, D_CHUNK, PRECISION)
+    else:
+        for c in tl.static_range(N_CHUNKS):
+            _store_dq(dq_rows, ds, k_rows, pix_ok, tok_ok, D, sdq_d, sk_d, scale, c, D_CHUNK, PRECISION)
 
 
 @triton.jit
@@ -422,12 +448,19 @@ def token_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
             heads, length, m, d, float(scale) * LOG2E, n_lblocks,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             BLOCK_L=plan.block_l, BLOCK_M=plan.block_m, D_CHUNK=plan.d_chunk, N_CHUNKS=plan.n_chunks,
-            PRECISION=plan.precision, num_warps=plan.num_warps, num_stages=plan.num_stages,
+            PRECISION=plan.precision, RUNTIME_LOOPS=_runtime_loops(plan), num_warps=plan.num_warps,
+            num_stages=plan.num_stages,
         )
     return out
 
 
 SUM_BLOCK = 1024
+
+
+def _runtime_loops(plan: Plan) -> bool:
+    """Head-dimension chunk loops as runtime loops for tf32x3 (see the module docstring); unrolled otherwise,
+    where the compile audit found the unrolled form the leaner one."""
+    return plan.precision == "tf32x3"
 
 
 def _check_dim_strides(*tensors: torch.Tensor) -> None:
@@ -467,7 +500,7 @@ def token_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
             size, plan.splits * size,
             *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(), *dq.stride(),
             BLOCK_L=plan.block_l, BLOCK_M=plan.block_m, D_CHUNK=plan.d_chunk, N_CHUNKS=plan.n_chunks,
-            N_OWN=n_own, PRECISION=plan.precision, WITH_DQ=plan.dq is None, num_warps=plan.num_warps,
+            N_OWN=n_own, PRECISION=plan.precision, WITH_DQ=plan.dq is None, RUNTIME_LOOPS=_runtime_loops(plan), num_warps=plan.num_warps,
             num_stages=plan.num_stages,
         )
         if plan.dq is not None:
@@ -477,7 +510,8 @@ def token_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
                 heads, length, m, d, float(scale), float(scale) * LOG2E, n_lblocks,
                 *grad_out.stride(), *q.stride(), *k.stride(), *v.stride(), *dq.stride(),
                 BLOCK_L=plan.dq.block_l, BLOCK_M=plan.dq.block_m, D_CHUNK=plan.dq.d_chunk,
-                N_CHUNKS=plan.dq.n_chunks, PRECISION=plan.dq.precision, num_warps=plan.dq.num_warps,
+                N_CHUNKS=plan.dq.n_chunks, PRECISION=plan.dq.precision, RUNTIME_LOOPS=_runtime_loops(plan.dq),
+                num_warps=plan.dq.num_warps,
                 num_stages=plan.dq.num_stages,
             )
         _sum_partials_kernel[(triton.cdiv(size, SUM_BLOCK), 2)](
