@@ -587,3 +587,24 @@ def test_e2e_inference_is_checked_against_the_reference_backend(fake_timer, monk
     assert rows["cplfast"]["median_ms"] is not None and rows["cplfast"]["rounds"] >= 3
     assert [f["provider"] for f in doc["failures"]] == ["cplfast"]
     assert doc["ratios"][0]["speedup_vs_eager"] is None
+
+
+def test_cpu_summary_calls_gpu_targets_not_applicable_and_skips_not_failures(capsys):
+    """Old: a CPU --quick run ended with "2 failed ... 0 met, 14 missed" for cases that were skipped or are
+    GPU targets."""
+    from cplfast.commands.bench import _print_summary
+
+    target = dict(op="infonce", shape="K=4", metric="speedup_vs_eager", target=4.0, value=1.1, met=False)
+    doc = dict(device="cpu (x86_64), 1 thread", torch="2.13", triton="3.9", commit="abc", results=[], ratios=[],
+               targets=[target] * 3, conditions={"reduced_shapes": True},
+               failures=[dict(op="supcon", mode="forward", shape="N=8", provider="compile",
+                              error="skipped: torch.compile is slow on the CPU")])
+    _print_summary(doc)
+    out = capsys.readouterr().out
+    assert "SPEC §8 targets: not applicable (3 GPU targets; this run is on the CPU)" in out
+    assert "missed" not in out.lower() and "MISSED" not in out
+    assert "0 failed" in out and "1 skipped or not applicable" in out and "  skipped: supcon" in out
+
+    gpu = dict(doc, device="NVIDIA H100 80GB HBM3", conditions={}, failures=[])
+    _print_summary(gpu)
+    assert "SPEC §8 targets: 0 met, 3 missed, 0 unmeasured" in capsys.readouterr().out
