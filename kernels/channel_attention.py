@@ -488,7 +488,7 @@ def make_plan(
 
     CUDA: K = 32 (16 for c <= 16), which keeps the fp32 (FMA and 3xTF32) products of every kernel
     within registers on sm_80 and sm_90; rows of the c x c kernels such that ``block_r x block_c <=
-    2048`` and the rank tile ``<= 8192`` elements. The interpreter: one chunk of next_pow2(c), all rows."""
+    1024`` and the rank tile ``<= 8192`` elements (8 warps). The interpreter: one chunk of next_pow2(c), all rows."""
     batch, heads, c, length = (int(s) for s in shape)
     block_c = max(16, triton.next_power_of_2(c))
     if chunk is None:
@@ -499,7 +499,7 @@ def make_plan(
     _pow2("block_l", block_l, 16)
     block_l_grads = min(block_l, 32) if gpu else block_l
     if block_r is None:
-        block_r = min(triton.next_power_of_2(c), 2048 // block_c) if gpu else triton.next_power_of_2(c)
+        block_r = max(1, min(triton.next_power_of_2(c), 1024 // block_c)) if gpu else triton.next_power_of_2(c)
     _pow2("block_r", block_r)
     if rank_chunk is None:
         rank_chunk = max(1, min(block_c, 8192 // (block_r * block_c))) if gpu else block_c
@@ -513,7 +513,7 @@ def make_plan(
     splits = min(splits, blocks)
     return ChannelPlan(
         c=c, length=length, chunk=chunk, block_l=block_l, block_l_grads=block_l_grads, splits=splits, block_r=block_r, rank_chunk=rank_chunk,
-        warps_gram=8 if gpu else 4, stages_gram=3, warps_rows=4 if block_r * block_c <= 1024 else 8,
+        warps_gram=8 if gpu else 4, stages_gram=3, warps_rows=8 if gpu else 4,
         warps_apply=8 if chunk >= 32 else 4, warps_grads=8 if chunk >= 32 else 4, stages_grads=1,
     )
 

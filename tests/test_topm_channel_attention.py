@@ -367,7 +367,7 @@ def test_cuda_plan_shapes():
                      (160, 32), (192, 32), (256, 32)]:
         plan = make_plan((8, 2, c, 4096), gpu=True, sms=132)
         assert plan.chunk == chunk, c
-        assert plan.block_r * plan.block_c <= 2048 and plan.block_r * plan.block_c * plan.rank_chunk <= 8192
+        assert plan.block_r * plan.block_c <= 1024 and plan.block_r * plan.block_c * plan.rank_chunk <= 8192
     plan = make_plan((1, 1, 48, 7680 * 4320), gpu=True, sms=132)
     assert plan.l_blocks > 65_535 and plan.splits == 2 * 132 // plan.tiles**2  # two waves of programs
 
