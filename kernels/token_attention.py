@@ -406,7 +406,12 @@ def backward_plan(length: int, bh: int, m: int, d: int, dtype: torch.dtype, prec
         dq = None if fused else Plan(16, block_m, 16, -(-d // 16), 8, precision)
     else:
         block_l, num_warps = (16, 8) if precision == "tf32x3" else (32, 4)
-        dq = None if fused else forward_plan(m, d, dtype, precision, cuda=True)
+        if fused:
+            dq = None
+        elif precision == "tf32x3":  # the forward's 64-pixel blocks reach 255 registers here (sm_80)
+            dq = Plan(16, block_m, d_chunk, n_chunks, 4, precision)
+        else:
+            dq = forward_plan(m, d, dtype, precision, cuda=True)
     col_groups = 1
     if cuda and precision == "tf32x3":
         # tf32x3 splits every operand into hi and lo parts: beyond 2048 accumulator elements per

@@ -243,7 +243,8 @@ def test_triton_tf32x3_backward_plans_under_the_interpreter(m, d, expect):
     """The tf32x3 backward plans (column groups of dk/dv, separate dq kernel), run with ieee dots on fewer
     pixels with the splits kept; (32, 96) leaves the last column group one chunk past d."""
     fwd, bwd = cuda_plans(4096, 16, m, d, "tf32x3")
-    assert {name: getattr(bwd, name) for name in expect} == expect and bwd.dq is not None
+    assert {name: getattr(bwd, name) for name in expect} == expect
+    assert (bwd.dq.block_l, bwd.dq.num_warps, bwd.dq.d_chunk, bwd.dq.n_chunks) == (16, 4, bwd.d_chunk, bwd.n_chunks)
     bwd = dataclasses.replace(bwd, splits=3)
     q, k, v = make_inputs(1, 2, 53, m, d, dtype=torch.float32)
     assert_close(triton_vs_reference(q, k, v, None, fwd_plan=fwd, bwd_plan=bwd))
