@@ -461,12 +461,12 @@ def forward_plan(
     split = overrides.pop("split", max(1, split) if cuda else 1)
     hw_per_split = triton.cdiv(triton.cdiv(hw, split), gap_block_hw) * gap_block_hw
     split = triton.cdiv(hw, hw_per_split)
-    # the (N, block) tiles of resized prompt components and their tap pointers stay in registers; ptxas
-    # spills below 32 lanes a row at N=64 and above 16 at N >= 128 (then with 8 warps)
+    # the (N, block) tiles of resized prompt components and their tap pointers stay in registers (ptxas
+    # spills at N=64 unless the block is 16 pixels on 8 warps)
     block_n = max(block_n, 16)  # tl.dot operands
-    num_warps = 8 if cuda and block_n >= 128 else 4
+    num_warps = 8 if cuda and block_n >= 64 else 4
     if cuda:
-        block = min(_pow2(count, 16), max(16 if block_n >= 128 else 32, 1024 // block_n))
+        block = min(_pow2(count, 16), max(16 if block_n >= 64 else 32, 1024 // block_n))
     else:
         block = min(_pow2(count, 16), 1024)
     block = overrides.pop("block", block)
