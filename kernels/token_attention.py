@@ -225,7 +225,10 @@ def _token_attention_bwd_kernel(
     RUNTIME_LOOPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    col0 = tl.program_id(1) * (N_OWN * D_CHUNK)
+    if N_OWN < N_CHUNKS:
+        col0 = tl.program_id(1) * (N_OWN * D_CHUNK)
+    else:
+        col0 = 0  # one column group: a constant, as the code without groups
     bh = pid // splits
     split = pid - bh * splits
     batch = (bh // H).to(tl.int64)
