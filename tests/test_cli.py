@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from cplfast.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _cli import one_error_line, run_cli  # noqa: E402
 from cplfast.data import degrade, load_image, save_image
 
 
@@ -17,18 +20,6 @@ from cplfast.data import degrade, load_image, save_image
 pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 
 
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_error_line(code, err):
-    assert code != 0
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -64,43 +55,43 @@ def test_train_writes_a_loadable_checkpoint(run_dir):
 
 
 def test_train_resume_extends_and_rejects_changes(run_dir, tmp_path, capsys):
-    code, out, _ = _run(capsys, "train", "--resume", run_dir, "--steps", "3", "--out", tmp_path / "more", "--quiet",
+    code, out, _ = run_cli(capsys, "train", "--resume", run_dir, "--steps", "3", "--out", tmp_path / "more", "--quiet",
                         "--threads", "1")
     assert code == 0 and "resuming" in out
     assert json.loads((tmp_path / "more" / "config.json").read_text())["step"] == 3
-    code, _, err = _run(capsys, "train", "--resume", run_dir, "--batch", "4")
-    assert "only --steps" in _one_error_line(code, err)
+    code, _, err = run_cli(capsys, "train", "--resume", run_dir, "--batch", "4")
+    assert "only --steps" in one_error_line(code, err)
     # the log of the resumed run comes along: step 2 (the last of run_dir), then step 3 of the continuation
     log = (tmp_path / "more" / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log] == [2, 3]
     # resuming into a folder that holds another run must not overwrite it
     before = (tmp_path / "more" / "model.safetensors").read_bytes()
-    code, _, err = _run(capsys, "train", "--resume", run_dir, "--steps", "4", "--out", tmp_path / "more", "--quiet")
-    assert "already holds a training run" in _one_error_line(code, err)
+    code, _, err = run_cli(capsys, "train", "--resume", run_dir, "--steps", "4", "--out", tmp_path / "more", "--quiet")
+    assert "already holds a training run" in one_error_line(code, err)
     assert (tmp_path / "more" / "model.safetensors").read_bytes() == before
 
 
 def test_a_run_stopped_by_its_time_budget_resumes_with_a_larger_budget(tmp_path, capsys):
     run = tmp_path / "budget"
-    code, _, _ = _run(capsys, "train", "--steps", "1000", "--batch", "2", "--patch", "16", "--tasks", "noise",
+    code, _, _ = run_cli(capsys, "train", "--steps", "1000", "--batch", "2", "--patch", "16", "--tasks", "noise",
                       "--negatives", "0", "--time-budget", "0.5", "--out", run, "--quiet", "--threads", "1")
     assert code == 0
     step = json.loads((run / "config.json").read_text())["step"]
     assert 0 < step < 1000
-    code, _, err = _run(capsys, "train", "--resume", run, "--quiet", "--threads", "1")
-    assert "--time-budget" in _one_error_line(code, err)
-    code, _, _ = _run(capsys, "train", "--resume", run, "--time-budget", "1.5", "--quiet", "--threads", "1")
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--quiet", "--threads", "1")
+    assert "--time-budget" in one_error_line(code, err)
+    code, _, _ = run_cli(capsys, "train", "--resume", run, "--time-budget", "1.5", "--quiet", "--threads", "1")
     assert code == 0
     assert json.loads((run / "config.json").read_text())["step"] > step
 
 
 def test_restore_file_and_folder(run_dir, pairs, tmp_path, capsys):
     src = pairs / "input" / "im0.png"
-    code, out, _ = _run(capsys, "restore", src, "-o", tmp_path / "one.png", "--checkpoint", run_dir, "--threads", "1")
+    code, out, _ = run_cli(capsys, "restore", src, "-o", tmp_path / "one.png", "--checkpoint", run_dir, "--threads", "1")
     assert code == 0
     assert load_image(tmp_path / "one.png").shape == load_image(src).shape
     assert "prompt3: #" in out and "closest degradation:" in out
-    code, out, _ = _run(capsys, "restore", pairs / "input", "-o", tmp_path / "many", "--checkpoint",
+    code, out, _ = run_cli(capsys, "restore", pairs / "input", "-o", tmp_path / "many", "--checkpoint",
                         run_dir / "model.safetensors", "--tile", "16", "--tile-mode", "blend", "--overlap", "4", "--threads", "1")
     assert code == 0 and len([line for line in out.splitlines() if " -> " in line]) == 2
     assert "restored 2 of 2 image(s)" in out
@@ -108,7 +99,7 @@ def test_restore_file_and_folder(run_dir, pairs, tmp_path, capsys):
 
 
 def test_eval_prints_and_writes_tables(run_dir, pairs, tmp_path, capsys):
-    code, out, _ = _run(capsys, "eval", "--checkpoint", run_dir, "--data", pairs, "--channel", "y", "--crop-border", "2",
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", run_dir, "--data", pairs, "--channel", "y", "--crop-border", "2",
                         "--out", tmp_path, "--threads", "1")
     assert code == 0
     assert "PSNR in" in out and "mean" in out
@@ -138,8 +129,8 @@ def test_clean_errors(run_dir, pairs, tmp_path, capsys):
         (("train", "--patch", "20", "--steps", "1", "--out", tmp_path / "r"), "multiple of 8"),
     ]
     for argv, needle in cases:
-        code, _, err = _run(capsys, *argv)
-        assert needle in _one_error_line(code, err), (argv, err)
+        code, _, err = run_cli(capsys, *argv)
+        assert needle in one_error_line(code, err), (argv, err)
 
 
 def test_help_and_subprocess_error():
@@ -163,7 +154,7 @@ def test_demo_meets_its_targets(tmp_path, capsys, request):
     markexpr = request.config.getoption("markexpr") or ""
     if os.environ.get("CPLFAST_SLOW") != "1" and not ("slow" in markexpr and "not slow" not in markexpr):
         pytest.skip("the full demo takes minutes; run with -m slow or CPLFAST_SLOW=1")
-    code, out, _ = _run(capsys, "demo", "--out", tmp_path, "--quiet")
+    code, out, _ = run_cli(capsys, "demo", "--out", tmp_path, "--quiet")
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["tasks"]) == {"noise", "rain", "haze", "blur", "lowlight"}

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,9 @@ from PIL import Image
 
 from cplfast.checkpoint import STATE_FILE, load_model_file, save_model
 from cplfast.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _cli import one_error_line, run_cli  # noqa: E402
 from cplfast.data.io import encode_png16, jpeg_quality, read_image, save_image
 
 pytestmark = pytest.mark.usefixtures("restore_torch_globals")
@@ -49,18 +53,6 @@ def ckpt(tmp_path_factory) -> Path:
     return _checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_error_line(code, err):
-    assert code != 0
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def _sha(path: Path) -> str:
@@ -74,7 +66,7 @@ def _png(path: Path, h: int = 12, w: int = 20, seed: int = 0) -> Path:
 
 
 def _restore(capsys, ckpt, *argv):
-    return _run(capsys, "restore", *argv, "--checkpoint", ckpt, "--threads", "1", "--quiet")
+    return run_cli(capsys, "restore", *argv, "--checkpoint", ckpt, "--threads", "1", "--quiet")
 
 
 # ----------------------------------------------------------------------------------- never lose a file
@@ -83,11 +75,11 @@ def test_output_onto_input_is_refused_and_the_original_survives(ckpt, tmp_path, 
     src = _png(tmp_path / "a.png")
     before = _sha(src)
     code, _, err = _restore(capsys, ckpt, src, "-o", src)
-    assert "--overwrite" in _one_error_line(code, err)
+    assert "--overwrite" in one_error_line(code, err)
     assert _sha(src) == before
     # the same file under another spelling of its path
     code, _, err = _restore(capsys, ckpt, src, "-o", tmp_path / "." / "a.png")
-    assert "would replace the original" in _one_error_line(code, err) and _sha(src) == before
+    assert "would replace the original" in one_error_line(code, err) and _sha(src) == before
     # --overwrite is the explicit way to replace it; no temporary file is left behind
     code, _, _ = _restore(capsys, ckpt, src, "-o", src, "--overwrite")
     assert code == 0 and _sha(src) != before
@@ -99,7 +91,7 @@ def test_folder_into_itself_is_refused(ckpt, tmp_path, capsys):
     folder = tmp_path / "photos"
     sums = {p.name: _sha(p) for p in (_png(folder / "a.png", seed=1), _png(folder / "b.png", seed=2))}
     code, _, err = _restore(capsys, ckpt, folder, "-o", folder)
-    assert "folder into itself" in _one_error_line(code, err)
+    assert "folder into itself" in one_error_line(code, err)
     assert {p.name: _sha(p) for p in folder.iterdir()} == sums
     # with a suffix the outputs are new files next to the originals
     code, _, _ = _restore(capsys, ckpt, folder, "-o", folder, "--suffix", "_restored")
@@ -202,7 +194,7 @@ def test_eval_skips_a_tiny_image_and_writes_its_tables(ckpt, tmp_path, capsys):
         clean = torch.rand(3, h, w)
         save_image(clean, root / "target" / f"im{k}.png")
         save_image(degrade(clean, "noise25", k), root / "input" / f"im{k}.png")
-    code, out, err = _run(capsys, "eval", "--checkpoint", ckpt, "--data", root, "--out", tmp_path / "tables",
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", root, "--out", tmp_path / "tables",
                           "--threads", "1")
     assert code == 1 and "im1.png" in err and "skipped 1" in err
     rows = (tmp_path / "tables" / "eval_rgb.csv").read_text().strip().splitlines()
@@ -215,7 +207,7 @@ def test_train_reports_an_unreadable_file_before_training(tmp_path, capsys, monk
     for k in range(2):
         _png(data / f"im{k}.png", h=24, w=24, seed=k)
     (data / "bad.png").write_bytes(b"\x89PNG broken")
-    code, out, err = _run(capsys, "train", "--data", data, "--tasks", "noise", "--steps", "2", "--batch", "2",
+    code, out, err = run_cli(capsys, "train", "--data", data, "--tasks", "noise", "--steps", "2", "--batch", "2",
                           "--patch", "16", "--negatives", "0", "--out", tmp_path / "run", "--quiet", "--threads", "1",
                           "--save-every", "0", "--log-every", "1")
     assert code == 1
@@ -260,7 +252,7 @@ def test_read_only_output_folder_fails_before_inference(ckpt, tmp_path, capsys, 
     _deny_writes_under(monkeypatch, tmp_path / "ro")
     _no_model(monkeypatch)
     code, _, err = _restore(capsys, ckpt, src, "-o", tmp_path / "ro" / "a.png")
-    assert "cannot write" in _one_error_line(code, err) and "Permission denied" in err
+    assert "cannot write" in one_error_line(code, err) and "Permission denied" in err
 
 
 @pytest.mark.parametrize("command", ["train", "demo", "export"])
@@ -278,8 +270,8 @@ def test_read_only_out_for_train_demo_export(command, tmp_path, capsys, monkeypa
         "export": ("export", "--format", "onnx", "--preset", "tiny", "--prompt", "cpl", "-o",
                    tmp_path / "ro" / "m.onnx", "--threads", "1"),
     }[command]
-    code, _, err = _run(capsys, *argv)
-    assert "cannot write" in _one_error_line(code, err)
+    code, _, err = run_cli(capsys, *argv)
+    assert "cannot write" in one_error_line(code, err)
 
 
 def test_disk_full_during_a_save_is_one_line_and_keeps_the_original(ckpt, tmp_path, capsys, monkeypatch):
@@ -292,7 +284,7 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_original(ckpt, tmp_pa
 
     monkeypatch.setattr(Image.Image, "save", full)
     code, _, err = _restore(capsys, ckpt, src, "-o", src, "--overwrite")
-    assert "No space left on device" in _one_error_line(code, err)
+    assert "No space left on device" in one_error_line(code, err)
     assert _sha(src) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]  # no temporary file left
 
@@ -300,23 +292,23 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_original(ckpt, tmp_pa
 def test_unknown_device_is_one_line(ckpt, tmp_path, capsys):
     """Old: ``--device tpu`` was a RuntimeError traceback from torch.device."""
     code, _, err = _restore(capsys, ckpt, _png(tmp_path / "a.png"), "-o", tmp_path / "o.png", "--device", "tpu")
-    assert "unknown --device 'tpu'" in _one_error_line(code, err)
-    code, _, err = _run(capsys, "train", "--device", "tpu", "--steps", "1", "--out", tmp_path / "r")
-    assert "unknown --device" in _one_error_line(code, err)
+    assert "unknown --device 'tpu'" in one_error_line(code, err)
+    code, _, err = run_cli(capsys, "train", "--device", "tpu", "--steps", "1", "--out", tmp_path / "r")
+    assert "unknown --device" in one_error_line(code, err)
 
 
 def test_divergence_is_one_line(tmp_path, capsys):
     """Old: ``train --lr 1e4`` ended in a RuntimeError traceback."""
-    code, _, err = _run(capsys, "train", "--lr", "1e4", "--steps", "30", "--batch", "2", "--patch", "16", "--tasks",
+    code, _, err = run_cli(capsys, "train", "--lr", "1e4", "--steps", "30", "--batch", "2", "--patch", "16", "--tasks",
                         "noise", "--negatives", "0", "--ema", "0", "--out", tmp_path / "run", "--quiet", "--threads", "1")
-    line = _one_error_line(code, err)
+    line = one_error_line(code, err)
     assert "training diverged" in line and "--lr" in line
 
 
 def test_fp16_needs_cuda(ckpt, tmp_path, capsys):
     code, _, err = _restore(capsys, ckpt, _png(tmp_path / "a.png"), "-o", tmp_path / "o.png", "--fp16",
                             "--device", "cpu")
-    assert "--fp16 needs a CUDA device" in _one_error_line(code, err)
+    assert "--fp16 needs a CUDA device" in one_error_line(code, err)
 
 
 # ----------------------------------------------------------------------------------- refuse silent garbage
@@ -324,7 +316,7 @@ def test_nan_weights_are_refused_naming_the_tensor(tmp_path, capsys):
     """Old: a checkpoint with NaN weights restored all-black images with exit 0."""
     bad = _checkpoint(tmp_path / "bad", poison="output.weight")
     code, _, err = _restore(capsys, bad, _png(tmp_path / "a.png"), "-o", tmp_path / "o.png")
-    line = _one_error_line(code, err)
+    line = one_error_line(code, err)
     assert "'output.weight'" in line and "non-finite" in line
     assert not (tmp_path / "o.png").exists()
 
@@ -432,7 +424,7 @@ def test_task_forces_the_routing(ckpt, tmp_path, capsys):
     code, out, _ = _restore(capsys, ckpt, src, "-o", tmp_path / "o.png", "--task", "haze")
     assert code == 0 and "prompt1: #2 (0.60)" in out
     code, _, err = _restore(capsys, ckpt, src, "-o", tmp_path / "o.png", "--task", "rain")
-    assert "no routing profile for rain" in _one_error_line(code, err)
+    assert "no routing profile for rain" in one_error_line(code, err)
 
 
 # ----------------------------------------------------------------------------------- training
@@ -453,7 +445,7 @@ def test_ctrl_c_saves_the_current_step_and_temp_files_and_logs_are_cleaned(tmp_p
         return real(self, batches)
 
     monkeypatch.setattr(Trainer, "_accumulate_gradients", interrupt_at_step_3)
-    code, _, err = _run(capsys, "train", "--steps", "50", "--batch", "2", "--patch", "16", "--tasks", "noise",
+    code, _, err = run_cli(capsys, "train", "--steps", "50", "--batch", "2", "--patch", "16", "--tasks", "noise",
                         "--negatives", "0", "--save-every", "500", "--log-every", "1", "--out", run, "--quiet",
                         "--threads", "1")
     assert code == 130 and "saved a checkpoint at step 3" in err and "--resume" in err
