@@ -580,7 +580,9 @@ def test_e2e_inference_is_checked_against_the_reference_backend(fake_timer, monk
         return lambda: (lambda: fn() * 1.01)
 
     monkeypatch.setattr(e2e, "prepare_workload", wrong_for_cplfast)
-    monkeypatch.setattr(e2e, "peak_mb", lambda prepare, device: 1.0)
+    from cplfast.bench import runner
+
+    monkeypatch.setattr(runner, "peak_mb", lambda prepare, device: 1.0)  # the memory probe of every timing
     doc = run_suite(_tiny_config(providers=("cplfast", "eager"), rounds=3, cpu_budget_s=0.0), [e2e.INFER])
     rows = {r["provider"]: r for r in doc["results"]}
     assert rows["eager"]["correct"] is True and rows["cplfast"]["correct"] is False

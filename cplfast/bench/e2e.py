@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from .cases import FULL, Case, Traffic, make_case
-from .memory import peak_mb
-from .runner import BenchConfig, Measurement, _format_row, describe_error, free_memory, relative_error, time_interleaved
+from .runner import (BenchConfig, Measurement, _format_row, describe_error, free_memory, record_interleaved,
+                     relative_error, time_interleaved)
 
 TRAIN = "promptir_cpl_train_step"
 INFER = "promptir_cpl_inference"
@@ -197,24 +197,7 @@ def run_e2e(config: BenchConfig, ops=E2E_OPS, done: set | None = None,
                 for row in mode_rows.values():
                     row.check = "not checked: a training step (weights change every step; see the op benchmarks)"
             result = time_interleaved(prepares, slow_config, False, (case.op, case.shape, mode))
-            if orders is not None:
-                orders.append({"op": case.op, "mode": mode, "shape": case.shape, "seed": result.seed,
-                               "orders": result.orders})
-            for provider, prepare in prepares.items():
-                row = mode_rows[provider]
-                if row.error:
-                    continue
-                if provider in result.errors:
-                    row.error = result.errors[provider]
-                    continue
-                row.set_timing(result.timings[provider])
-                row.order_seed = result.seed
-                try:
-                    row.peak_mb = peak_mb(prepare, config.device)
-                except Exception as err:  # noqa: BLE001
-                    config.log(f"  peak memory of {provider} failed: {describe_error(err)}")
-                finally:
-                    free_memory(config.device)
+            record_interleaved(result, prepares, mode_rows, config, orders, (case.op, case.shape, mode))
             prepares.clear()
             for provider in names:
                 rows.append(mode_rows[provider])

@@ -430,6 +430,34 @@ def check_provider(op: OpBenchmark, fn: Callable, inputs: OpInputs, case: Case, 
 
 
 # ---------------------------------------------------------------------------------------------- cases
+def record_interleaved(result, prepares: dict, mode_rows: dict, config: BenchConfig, orders: list | None,
+                       key: tuple[str, str, str]) -> list[str]:
+    """Store one interleaved timing of ``prepares`` (``key`` = op, shape, mode): the rounds' orders, each
+    provider's timing or error, and its peak memory. Returns the providers whose timing failed."""
+    op_name, shape, mode = key
+    if orders is not None:
+        orders.append({"op": op_name, "mode": mode, "shape": shape, "seed": result.seed, "orders": result.orders})
+    failed = []
+    for p, prepare in prepares.items():
+        row = mode_rows[p]
+        if row.error:
+            continue
+        if p in result.errors:
+            row.error = result.errors[p]
+            failed.append(p)
+            continue
+        row.set_timing(result.timings[p])
+        row.order_seed = result.seed
+        try:
+            row.peak_mb = peak_mb(prepare, config.device)
+        except Exception as err:  # noqa: BLE001 - the timing stands; the memory probe failed
+            row.peak_mb = None
+            config.log(f"  peak memory of {p} {mode} failed: {describe_error(err)}")
+        finally:
+            free_memory(config.device)
+    return failed
+
+
 def run_case(op: OpBenchmark, case: Case, config: BenchConfig, done: set,
              orders: list[dict] | None = None) -> list[Measurement]:
     """All providers and modes of one case, interleaved; keys already in ``done`` are not measured again.
@@ -501,25 +529,9 @@ def run_case(op: OpBenchmark, case: Case, config: BenchConfig, done: set,
             except Exception as err:  # noqa: BLE001
                 row.error = describe_error(err)
         result = time_interleaved(prepares, config, use_graph, (op.name, case.shape, mode))
-        if orders is not None:
-            orders.append({"op": op.name, "mode": mode, "shape": case.shape, "seed": result.seed,
-                           "orders": result.orders})
-        for p, prepare in prepares.items():
-            row = mode_rows[p]
-            if p in result.errors:
-                row.error = result.errors[p]
-                if mode == FORWARD:
-                    failed[p] = f"forward failed: {row.error}"
-                continue
-            row.set_timing(result.timings[p])
-            row.order_seed = result.seed
-            try:
-                row.peak_mb = peak_mb(prepare, config.device)
-            except Exception as err:  # noqa: BLE001 - the timing stands; the memory probe failed
-                row.peak_mb = None
-                config.log(f"  peak memory of {p} {mode} failed: {describe_error(err)}")
-            finally:
-                free_memory(config.device)
+        for p in record_interleaved(result, prepares, mode_rows, config, orders, (op.name, case.shape, mode)):
+            if mode == FORWARD:
+                failed[p] = f"forward failed: {mode_rows[p].error}"
         prepares.clear()
         for p in names:
             rows.append(mode_rows[p])
