@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _perturb import perturb_  # noqa: E402
 from _official_promptir import TINY_ARGS, OfficialPromptIR  # noqa: E402
 
 from cplfast.models import PROMPT_VARIANTS, PromptIR, summary  # noqa: E402
@@ -19,15 +20,6 @@ OFFICIAL_KEYS = 548
 OFFICIAL_PARAMS = 35_592_263
 
 
-def _perturb_(module: torch.nn.Module) -> torch.nn.Module:
-    """Move parameters initialised to constants (LayerNorm 1/0, temperature 1) to random values."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith(("body.weight", "temperature")):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("body.bias"):
-                p.normal_(0.0, 0.1)
-    return module
 
 
 def _lightning_checkpoint(state: dict) -> dict:
@@ -42,7 +34,7 @@ def _labels(batch: int, model: PromptIR) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def official_base():
     torch.manual_seed(1234)
-    return _perturb_(OfficialPromptIR()).eval()
+    return perturb_(OfficialPromptIR()).eval()
 
 
 # ----------------------------------------------------------------------------- official PromptIR
@@ -73,7 +65,7 @@ def test_base_lightning_checkpoint_reproduces_official_forward(official_base, tm
 
 @pytest.mark.parametrize("size", [(40, 24), (8, 16)])
 def test_tiny_promptir_reproduces_official_forward_and_gradients(size):
-    reference = _perturb_(OfficialPromptIR(**TINY_ARGS)).double()
+    reference = perturb_(OfficialPromptIR(**TINY_ARGS)).double()
     model = PromptIR("promptir", "tiny").double()
     model.load_state_dict(reference.state_dict(), strict=True)
     x = torch.rand(1, 3, *size, dtype=torch.float64, requires_grad=True)
@@ -92,7 +84,7 @@ def test_tiny_promptir_reproduces_official_forward_and_gradients(size):
 def test_checkpoint_formats_load(tmp_path):
     from safetensors.torch import save_file
 
-    reference = _perturb_(OfficialPromptIR(**TINY_ARGS))
+    reference = perturb_(OfficialPromptIR(**TINY_ARGS))
     state = reference.state_dict()
     x = torch.rand(1, 3, 16, 32)
     expected = reference(x)
@@ -356,7 +348,7 @@ UNUSED = ("chnl_reduce1", "chnl_reduce2", "chnl_reduce3",
 @pytest.fixture(scope="module")
 def cpl_base():
     torch.manual_seed(99)
-    return _perturb_(PromptIR("cpl", "base")).eval()
+    return perturb_(PromptIR("cpl", "base")).eval()
 
 
 def test_cplir_checkpoint_loads_and_matches_cpl(cpl_base, tmp_path, caplog):

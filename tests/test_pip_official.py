@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _perturb import perturb_  # noqa: E402
 from _official_pip import SMALL_ARGS, TINY_ARGS, OfficialPIP  # noqa: E402
 
 from cplfast.models import PromptIR  # noqa: E402
@@ -38,17 +39,6 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _perturb_(module: torch.nn.Module) -> torch.nn.Module:
-    """Move parameters initialised to constants (LayerNorm 1/0, temperatures 1, mix 0.2) to random values."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith(("body.weight", "temperature")):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("body.bias"):
-                p.normal_(0.0, 0.1)
-            elif ".attn.attn" in name:
-                p.uniform_(0.05, 0.5)
-    return module
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -57,7 +47,7 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def _official_and_cplfast(args: dict, preset: str, dtype: torch.dtype, seed: int):
     torch.manual_seed(seed)
-    official = _perturb_(OfficialPIP(**args)).to(dtype).eval()
+    official = perturb_(OfficialPIP(**args)).to(dtype).eval()
     renamed, _ = official_pip_to_cplfast(official.state_dict())
     model = PromptIR("pip", preset, official_unused_layers=True, pip_router=False).to(dtype).eval()
     model.load_state_dict(renamed, strict=True)
@@ -67,7 +57,7 @@ def _official_and_cplfast(args: dict, preset: str, dtype: torch.dtype, seed: int
 @pytest.fixture(scope="module")
 def official_pip():
     torch.manual_seed(2024)
-    return _perturb_(OfficialPIP()).eval()
+    return perturb_(OfficialPIP()).eval()
 
 
 # ----------------------------------------------------------------------------- the official configuration
