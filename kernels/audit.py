@@ -282,21 +282,13 @@ def _ptxas_usage(ptx: str, arch: Arch) -> tuple[int, int, int]:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        done = subprocess.run([get_ptxas(arch.capability).path if _takes_arch() else get_ptxas().path, "-v",
+        done = subprocess.run([get_ptxas(arch.capability).path, "-v",
                                f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.cubin")],
                               capture_output=True, text=True, check=True)
     log = done.stdout + done.stderr
     regs = max(int(m) for m in _PTXAS_REGS.findall(log))
     spills = [(int(s), int(l)) for s, l in _PTXAS_SPILLS.findall(log)]
     return regs, max((s for s, _ in spills), default=0), max((l for _, l in spills), default=0)
-
-
-def _takes_arch() -> bool:
-    import inspect
-
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    return len(inspect.signature(get_ptxas).parameters) > 0
 
 
 def _compile_one(launch: Launch, arch: Arch) -> dict:
