@@ -1,4 +1,4 @@
-"""The ``cplfast`` command line: ``demo``, ``train``, ``eval``, ``restore``, ``export``, ``bench``.
+"""The ``cplfast`` command line: ``demo``, ``train``, ``eval``, ``restore``, ``export``, ``bench``, ``study``.
 
 Each sub-command lives in ``cplfast.commands.<name>`` and provides ``add_arguments(parser)`` and
 ``run(args) -> int``. Expected failures (bad paths, corrupt files, missing optional packages, operating-
@@ -19,6 +19,7 @@ COMMANDS = {
     "restore": "restore an image or a folder of images with a checkpoint",
     "export": "export a model to ONNX, TensorRT, AOTInductor or a Triton Inference Server repository",
     "bench": "benchmark the fused ops against eager PyTorch and torch.compile",
+    "study": "train PromptIR, CPL (+ ablation), PIP and DPPD on an equal budget and compare them",
 }
 
 

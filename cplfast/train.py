@@ -47,7 +47,10 @@ A resume drops the lines of steps after its checkpoint, so the log always matche
 
 CPR (cpl with ``num_negatives`` > 0): the negatives are restored with unselected prompts drawn at random
 per image, slot and step (``cpr_negatives="random"``, the paper's choice; ``"ordered"`` takes them in
-index order) from torch's default generator, whose state the checkpoints store — a resumed run draws
+index order). ``prompt="promptir"`` with ``cpr_negatives="batch"`` is CPR without SPM (the CPL paper's
+"CPR only" ablation): negative j restores each image with the dense prompt weights of the image j places
+before it in the micro-batch (always another degradation with the embedded data's task cycling); promptir
+trains without CPR under any other ``cpr_negatives`` from torch's default generator, whose state the checkpoints store — a resumed run draws
 the same negatives. ``cpr_form`` / ``cpr_features`` pick the loss form and feature space
 (:class:`cplfast.ContrastivePromptLoss`); ``load_balance`` and ``gate_noise`` are opt-in extensions
 against routing collapse that CPL does not have (:class:`cplfast.SparsePromptModule`).
@@ -112,7 +115,7 @@ class TrainConfig:
     cpr_weight: float = 0.1
     cpr_temperature: float = 0.1
     cpr_batch_negatives: bool = False  # the other images of the (global) batch are CPR negatives too
-    cpr_negatives: str = "random"  # which unselected prompts restore the negatives: "random" (paper) | "ordered"
+    cpr_negatives: str = "random"  # cpl: "random" (paper) | "ordered"; "batch": CPR on dense promptir prompts
     cpr_form: str = "infonce"  # "infonce" (cplfast, fused) | "l1-push" (the CPL authors' template)
     cpr_features: str = "filterbank"  # "filterbank" (cplfast, no weights) | "vgg16" (the paper's)
     cpr_vgg_weights: str | None = None  # VGG16 state_dict file; None: torchvision's weight cache
@@ -172,8 +175,11 @@ class TrainConfig:
         if self.cpr_batch_negatives and not (self.prompt == "cpl" and self.num_negatives > 0):
             raise ValueError("cpr_batch_negatives extends CPR, which needs prompt='cpl' and num_negatives > 0 "
                              f"(got prompt={self.prompt!r}, num_negatives={self.num_negatives})")
-        if self.cpr_negatives not in ("random", "ordered"):
-            raise ValueError(f"cpr_negatives must be 'random' or 'ordered', got {self.cpr_negatives!r}")
+        if self.cpr_negatives not in ("random", "ordered", "batch"):
+            raise ValueError(f"cpr_negatives must be 'random', 'ordered' or 'batch', got {self.cpr_negatives!r}")
+        if self.cpr_negatives == "batch" and self.prompt != "promptir":
+            raise ValueError("cpr_negatives='batch' (other images' dense prompt weights) needs prompt='promptir'; "
+                             f"got prompt={self.prompt!r}")
         if self.cpr_form not in ("infonce", "l1-push"):
             raise ValueError(f"cpr_form must be 'infonce' or 'l1-push', got {self.cpr_form!r}")
         if self.cpr_features not in ("filterbank", "filters", "vgg16"):
@@ -427,12 +433,16 @@ class Trainer:
             with torch.no_grad():
                 for p in self.model.output.parameters():
                     p.zero_()
-        if config.num_negatives and config.prompt == "cpl":
+        if config.num_negatives and (config.prompt == "cpl" or config.cpr_negatives == "batch"):
             from .losses import ContrastivePromptLoss
 
-            limit = min(getattr(self.model, f"prompt{i}").max_negatives() for i in (1, 2, 3))
+            if config.prompt == "cpl":
+                limit = min(getattr(self.model, f"prompt{i}").max_negatives() for i in (1, 2, 3))
+                what = "this model (prompt_len, top_k)"
+            else:
+                limit, what = self.micro_batch - 1, "dense-prompt CPR (the micro-batch's other images)"
             if config.num_negatives > limit:
-                raise ValueError(f"num_negatives must be <= {limit} for this model (prompt_len, top_k), got {config.num_negatives}")
+                raise ValueError(f"num_negatives must be <= {limit} for {what}, got {config.num_negatives}")
             self.cpr = ContrastivePromptLoss(temperature=config.cpr_temperature, weight=config.cpr_weight,
                                              features=config.cpr_features, vgg_weights=config.cpr_vgg_weights,
                                              form=config.cpr_form, batch_negatives=config.cpr_batch_negatives,

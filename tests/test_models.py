@@ -258,6 +258,26 @@ def test_cpl_negatives_bad_counts():
         model(x, num_negatives=-1)
 
 
+def test_dense_promptir_negatives_borrow_other_images_prompt_weights():
+    """CPR without SPM: negative j restores image b with the (detached) dense routing of image b - j."""
+    model = PromptIR("promptir", "tiny").train()
+    x = torch.rand(4, 3, 24, 32)
+    out, aux = model(x, num_negatives=2, return_aux=True)
+    assert aux["negatives"].shape == (2, 4, 3, 24, 32)
+    for j in range(2):
+        rolled = {k: v.roll(j + 1, 0) for k, v in aux["routing"].items()}
+        for key, routing in aux["negative_routing"].items():
+            torch.testing.assert_close(routing[j], rolled[key])
+            assert not routing.requires_grad
+        torch.testing.assert_close(aux["negatives"][j], model(x, routing=rolled), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="batch size"):
+        model(x, num_negatives=4)  # the 4th would borrow the image's own weights
+    with pytest.raises(ValueError, match="num_negatives needs"):
+        PromptIR("pip", "tiny")(x, num_negatives=1)
+    with pytest.raises(ValueError, match="dense prompts"):
+        PromptIR("cpl", "tiny")(x, num_negatives=1, negative_mode="batch")
+
+
 def _collapse_(model: PromptIR, prompt: int) -> PromptIR:
     """Every router picks ``prompt`` for every image (the collapse seen in training)."""
     with torch.no_grad():

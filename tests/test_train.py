@@ -1,5 +1,6 @@
 """Training loop, schedule, EMA and checkpoints (cplfast.train, cplfast.checkpoint)."""
 
+import dataclasses
 import json
 import math
 
@@ -198,6 +199,23 @@ def test_resumed_run_draws_the_same_random_negatives(tmp_path, monkeypatch):
     # and they are random: not all the same prompt for a slot over the steps
     slot3 = torch.stack([n for _, n in full[2::3]])  # (steps, K, B, N)
     assert len({tuple(r.nonzero()[:, -1].tolist()) for r in slot3}) > 1
+
+
+def test_cpr_on_dense_prompts_needs_batch_negatives(tmp_path):
+    config = TrainConfig(**{**FAST, "prompt": "promptir"}, steps=2, num_negatives=1, ema=0, log_every=1,
+                         cpr_negatives="batch")
+    trainer = Trainer(config, tmp_path / "cpr", progress=False)
+    assert trainer.cpr is not None
+    trainer.fit()
+    lines = [json.loads(line) for line in (tmp_path / "cpr" / "train_log.jsonl").read_text().splitlines()]
+    assert all("cpr" in line and math.isfinite(line["cpr"]) for line in lines)
+    # promptir with the default cpr_negatives trains without CPR, as before
+    assert Trainer(TrainConfig(**{**FAST, "prompt": "promptir"}, num_negatives=2), tmp_path / "plain",
+                   progress=False).cpr is None
+    with pytest.raises(ValueError, match="needs prompt='promptir'"):
+        TrainConfig(**FAST, cpr_negatives="batch").validate()
+    with pytest.raises(ValueError, match="num_negatives must be <="):
+        Trainer(dataclasses.replace(config, num_negatives=config.batch), tmp_path / "many", progress=False)
 
 
 def test_cpr_options_and_routing_health_log(tmp_path, monkeypatch):

@@ -41,9 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpr-batch-negatives", action="store_const", const=True, default=None,
                         help="CPR (cpl with --negatives > 0) also contrasts each restoration with the other images of "
                              "its micro-batch step on all processes (batch / grad-accum images)")
-    parser.add_argument("--cpr-negatives", choices=("random", "ordered"), default=None,
-                        help="which unselected prompts restore the CPR negatives: random per image and step (the CPL "
-                             "paper's) or the lowest-index ones (default: random)")
+    parser.add_argument("--cpr-negatives", choices=("random", "ordered", "batch"), default=None,
+                        help="cpl: which unselected prompts restore the CPR negatives: random per image and step (the "
+                             "CPL paper's) or the lowest-index ones (default: random); batch: --prompt promptir with "
+                             "CPR, each negative borrows another image's dense prompt weights (CPR without SPM)")
     parser.add_argument("--cpr-form", choices=("infonce", "l1-push"), default=None,
                         help="CPR loss: infonce (cplfast's, fused kernel) or l1-push (the CPL authors' template: "
                              "-weight x mean_k sum_l w_l L1(phi_l(out), phi_l(neg_k)), negatives detached) "

@@ -17,7 +17,10 @@ What the slots and skips do per ``prompt`` variant:
 
 * ``"promptir"`` — slot i concatenates ``prompt{i}(feature)`` (:class:`cplfast.PromptGenBlock`, a dense
   softmax mix of ``prompt_len`` learned maps) to the feature; ``noise_level{i}`` is a Restormer block
-  over the wider map. ``preset="base"`` is the official model, parameter for parameter.
+  over the wider map. ``preset="base"`` is the official model, parameter for parameter. With
+  ``num_negatives=K`` (CPR without SPM, the CPL paper's "CPR only" ablation) negative j restores each
+  image with the prompt weights of the image j places before it in the batch (``negative_mode="batch"``,
+  the only mode for dense prompts; K < B), detached.
 * ``"cpl"`` — the same with :class:`cplfast.SparsePromptModule` (top-k routing, same keys). With
   ``num_negatives=K`` it also restores K negatives with mismatched routing for CPR: the encoder runs
   once and only the decoder, from slot 3 on, re-runs, batched over the K negatives.
@@ -47,7 +50,7 @@ Return convention (the same for every variant)::
                       (empty for promptir / cpl / none)
     aux["prompt_maps"]: dict[str, Tensor]  the prompt map of each slot (promptir, cpl) or skip (pip),
                       ``(B,D,h,w)``; feed it back as ``prompt_maps=`` to force it
-    aux["negatives"]: (K,B,3,H,W), only with ``num_negatives=K`` (cpl)
+    aux["negatives"]: (K,B,3,H,W), only with ``num_negatives=K`` (cpl, promptir)
     aux["negative_routing"]: dict[str, (K,B,N)], the forced routing that restored each negative
                       (:meth:`cplfast.SparsePromptModule.negative_routing`, drawn independently per slot;
                       ``negative_mode="random"`` by default — the paper's — or ``"ordered"``)
@@ -380,11 +383,12 @@ class PromptIR(nn.Module):
             prompt_maps: forced prompt maps (promptir, cpl, pip), a mapping from ``"prompt1"``..``"prompt3"``
                 to ``(B, D, h, w)`` maps of the size the slot expects, used instead of computing them
                 (tiled inference passes each tile its crop of the whole image's maps).
-            num_negatives: ``K > 0`` (cpl only) also restores K negatives with mismatched routing.
-            negative_mode: ``"random"`` (default, the CPL paper's: unselected prompts drawn at random per
-                image, slot and call from ``generator``, default torch's default generator of x's device)
-                or ``"ordered"`` (lowest-index unselected prompts first); see
-                :meth:`cplfast.SparsePromptModule.negative_routing`.
+            num_negatives: ``K > 0`` (cpl, promptir) also restores K negatives with mismatched routing.
+            negative_mode: cpl: ``"random"`` (default, the CPL paper's: unselected prompts drawn at random
+                per image, slot and call from ``generator``, default torch's default generator of x's
+                device) or ``"ordered"`` (lowest-index unselected prompts first); see
+                :meth:`cplfast.SparsePromptModule.negative_routing`. promptir: ignored, negatives always
+                borrow other images' prompt weights (``"batch"``, module docstring).
             return_aux: return ``(output, aux)`` (see the module docstring) instead of the output.
         """
         self._check_input(x)
@@ -393,10 +397,13 @@ class PromptIR(nn.Module):
             labels = self._check_labels(labels, x)
         if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 0:
             raise ValueError(f"num_negatives must be an int >= 0, got {num_negatives!r}")
-        if num_negatives and self.prompt_type != "cpl":
-            raise ValueError(f"num_negatives needs prompt='cpl', this model has prompt={self.prompt_type!r}")
-        if negative_mode not in ("random", "ordered"):
-            raise ValueError(f"negative_mode must be 'random' or 'ordered', got {negative_mode!r}")
+        if num_negatives and self.prompt_type not in ("cpl", "promptir"):
+            raise ValueError(f"num_negatives needs prompt='cpl' or 'promptir', this model has prompt={self.prompt_type!r}")
+        if negative_mode not in ("random", "ordered", "batch"):
+            raise ValueError(f"negative_mode must be 'random', 'ordered' or 'batch', got {negative_mode!r}")
+        if num_negatives and self.prompt_type == "promptir" and num_negatives >= x.shape[0]:
+            raise ValueError(f"num_negatives must be < the batch size ({x.shape[0]}) for dense prompts (negative j "
+                             f"borrows the prompt weights of the image j places before), got {num_negatives}")
         if num_negatives and prompt_maps:
             raise ValueError("num_negatives cannot be combined with prompt_maps (negatives re-route the prompts)")
 
@@ -485,6 +492,27 @@ class PromptIR(nn.Module):
     def _negatives(self, x, latent, skips, state: _Pass, count: int, mode: str = "random",
                    generator: torch.Generator | None = None):
         """K negatives: the decoder from slot 3 re-run once, batched, with mismatched routing at every slot."""
+        batch = x.shape[0]
+        if self.prompt_type == "promptir":  # dense prompts: image b takes image (b - j)'s weights
+            negative_routing = {key: torch.stack([state.routing[key].detach().roll(j, 0) for j in range(1, count + 1)])
+                                for key in self.routing_keys}
+        else:
+            negative_routing = self._sparse_negative_routing(state, count, mode, generator)
+
+        def repeat(t: torch.Tensor) -> torch.Tensor:
+            return t.unsqueeze(0).expand(count, *t.shape).reshape(count * t.shape[0], *t.shape[1:])
+
+        negative_state = _Pass(forced={k: v.flatten(0, 1) for k, v in negative_routing.items()}, labels=None)
+        sparse_modules = [getattr(self, key) for key in self.routing_keys if self.prompt_type == "cpl"]
+        kept = [m.last_routing for m in sparse_modules]
+        decoded = self._decode(repeat(latent), [repeat(s) for s in skips], negative_state)
+        for module, routing in zip(sparse_modules, kept):
+            module.last_routing = routing  # last_routing describes the positive pass
+        negatives = self.output(decoded) + repeat(x)
+        return negatives.view(count, batch, *negatives.shape[1:]), negative_routing
+
+    def _sparse_negative_routing(self, state: _Pass, count: int, mode: str, generator) -> dict[str, torch.Tensor]:
+        """cpl: per slot, :meth:`cplfast.SparsePromptModule.negative_routing` of the router's choice."""
         for level in (1, 2, 3):
             limit = getattr(self, f"prompt{level}").max_negatives()
             if count > limit:
@@ -492,27 +520,17 @@ class PromptIR(nn.Module):
                     f"num_negatives must be <= {limit} (prompt_len={self.config.prompt_len}, top_k={self.top_k}), "
                     f"got {count}"
                 )
-        batch = x.shape[0]
+        if mode == "batch":
+            raise ValueError("negative_mode='batch' is for dense prompts (promptir); cpl takes 'random' or 'ordered'")
+
         def slot_generator(slot: int):  # per-image seeds: a distinct stream per slot
             return generator * 4 + slot if isinstance(generator, torch.Tensor) else generator
 
-        negative_routing = {
+        return {
             key: getattr(self, key).negative_routing(state.routing[key], count, mode=mode,
                                                      generator=slot_generator(slot))
             for slot, key in enumerate(self.routing_keys)
         }
-
-        def repeat(t: torch.Tensor) -> torch.Tensor:
-            return t.unsqueeze(0).expand(count, *t.shape).reshape(count * t.shape[0], *t.shape[1:])
-
-        negative_state = _Pass(forced={k: v.flatten(0, 1) for k, v in negative_routing.items()}, labels=None)
-        sparse_modules = [getattr(self, key) for key in self.routing_keys]
-        kept = [m.last_routing for m in sparse_modules]
-        decoded = self._decode(repeat(latent), [repeat(s) for s in skips], negative_state)
-        for module, routing in zip(sparse_modules, kept):
-            module.last_routing = routing  # last_routing describes the positive pass
-        negatives = self.output(decoded) + repeat(x)
-        return negatives.view(count, batch, *negatives.shape[1:]), negative_routing
 
     # ------------------------------------------------------------------ validation
     def _check_input(self, x: torch.Tensor) -> None:
