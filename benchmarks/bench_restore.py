@@ -279,10 +279,52 @@ def _estimates(args) -> list[dict]:
     return rows
 
 
+def largest_fitting(estimate, budget: int, aspect: tuple[int, int] = (2, 3)) -> tuple[int, int]:
+    """The largest ``aspect`` image ``(h, w)`` (sides multiples of 8) with ``estimate(h, w) <= budget``, or (0, 0)."""
+    ah, aw = aspect
+    lo, hi = 0, 1
+    while estimate(8 * ah * hi, 8 * aw * hi) <= budget:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if estimate(8 * ah * mid, 8 * aw * mid) <= budget else (lo, mid)
+    return 8 * ah * lo, 8 * aw * lo
+
+
+def _budget_rows(args) -> list[dict]:
+    """Per memory budget, the largest 3:2 image whole and exact (smallest band, 8 rows) fit, by the estimators."""
+    import torch
+
+    from cplfast.models import PromptIR
+    from cplfast.models.inference import estimate_restore_bytes
+    from cplfast.models.streaming import estimate_streaming_bytes
+
+    model = PromptIR(args.prompt, args.preset)
+    rows = []
+    for gib in (8, 16, 24, 80):
+        budget = gib * 2**30
+        whole = largest_fitting(lambda h, w: estimate_restore_bytes(model, 1, h, w, torch.float32), budget)
+        exact = largest_fitting(lambda h, w: estimate_streaming_bytes(model, 1, h, w, 8, torch.float32), budget)
+        rows.append(dict(budget_gib=gib, whole=whole, exact=exact))
+    return rows
+
+
+def _budget_markdown(rows) -> str:
+    lines = ["", "Largest 3:2 image per memory budget (fp32, batch 1), from the model's estimators (not run; the "
+             "measured peaks were 0.76-0.85x the estimates). Exact streaming at its smallest band (8 rows), which "
+             "`--max-memory` picks when nothing larger fits:", "",
+             "| budget | whole-image forward | exact streaming |", "|---|---|---|"]
+    for r in rows:
+        cell = lambda hw: f"{hw[1]}x{hw[0]} ({hw[0] * hw[1] / 1e6:.1f} MP)" if hw[0] else "none"  # noqa: E731
+        lines.append(f"| {r['budget_gib']} GiB | {cell(r['whole'])} | {cell(r['exact'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def _write(out: Path, records, args) -> None:
     import torch
 
     records = list(records) + _estimates(args)
+    budgets = _budget_rows(args)
 
     meta = dict(machine=platform.machine(), processor=platform.processor(), cpus=os.cpu_count(),
                 torch=torch.__version__, python=platform.python_version(), threads=args.threads,
@@ -291,9 +333,10 @@ def _write(out: Path, records, args) -> None:
                 memory_method="peak RSS: getrusage(RUSAGE_SELF).ru_maxrss of a fresh process minus its RSS just "
                               "before the restore (after model build, image creation and a 64x64 warm-up)",
                 time_method="time.perf_counter around one restore after a warm-up; shared machine, load recorded")
-    (out / "results.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps(dict(meta=meta, records=records, budgets=budgets), indent=1) + "\n")
     (out / "results.md").write_text(f"# Restore: whole vs exact streaming vs blend ({args.preset} {args.prompt}, CPU)\n\n"
-                                    f"{meta['memory_method']}.\n\n{meta['time_method']}.\n\n" + _markdown(records))
+                                    f"{meta['memory_method']}.\n\n{meta['time_method']}.\n\n" + _markdown(records)
+                                    + _budget_markdown(budgets))
     _plot(records, out / "peak_memory.png")
 
 
