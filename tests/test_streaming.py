@@ -358,6 +358,20 @@ def test_cli_tile_256_on_a_1024x1536_photo(tmp_path, capsys, prompt):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("prompt,kwargs", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_exact_at_1024x1536_for_every_variant(prompt, kwargs):
+    """The issue's acceptance size: a 1021 x 1533 image (padded to 1024 x 1536 inside), 3 chunk sizes."""
+    torch.set_num_threads(2)
+    model = _model(prompt, **kwargs)
+    small = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(11))
+    image = F.interpolate(small, size=(1021, 1533), mode="bilinear")[0].clamp(0, 1)
+    whole, _ = model.restore(image, check_memory_first=False)
+    for tile in (96, 256, 512):  # bands of 8, 40 and 168 rows
+        got, _ = model.restore(image, tile=tile)
+        _assert_exact(got, whole)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", ["promptir", "cpl", "pip", "dppd"])
 def test_base_preset_streams_exactly(prompt):
     model = _model(prompt, "base")
