@@ -201,6 +201,29 @@ def test_resumed_run_draws_the_same_random_negatives(tmp_path, monkeypatch):
     assert len({tuple(r.nonzero()[:, -1].tolist()) for r in slot3}) > 1
 
 
+@pytest.mark.parametrize("negative_grad", [False, True])
+def test_cpr_negatives_carry_no_graph_unless_asked(tmp_path, monkeypatch, negative_grad):
+    """Default (official CPL): negatives restored without autograd, so CPR never trains a prompt to restore badly."""
+    from cplfast.models import PromptIR
+
+    seen = []
+    original = PromptIR._negatives
+
+    def spy(self, *args, **kwargs):
+        negatives, routing = original(self, *args, **kwargs)
+        seen.append(negatives.requires_grad)
+        return negatives, routing
+
+    monkeypatch.setattr(PromptIR, "_negatives", spy)
+    config = TrainConfig(**FAST, steps=1, num_negatives=1, ema=0, cpr_negative_grad=negative_grad)
+    trainer = Trainer(config, tmp_path, progress=False)
+    assert trainer.cpr.detach_negatives is not negative_grad
+    loss, parts = trainer._loss(next(iter(trainer._batches(1))))
+    assert seen == [negative_grad] and "cpr" in parts
+    loss.backward()  # the output still gets CPR's gradient either way
+    assert TrainConfig().cpr_negative_grad is False
+
+
 def test_cpr_on_dense_prompts_needs_batch_negatives(tmp_path):
     config = TrainConfig(**{**FAST, "prompt": "promptir"}, steps=2, num_negatives=1, ema=0, log_every=1,
                          cpr_negatives="batch")

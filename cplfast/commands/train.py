@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpl: which unselected prompts restore the CPR negatives: random per image and step (the "
                              "CPL paper's) or the lowest-index ones (default: random); batch: --prompt promptir with "
                              "CPR, each negative borrows another image's dense prompt weights (CPR without SPM)")
+    parser.add_argument("--cpr-negative-grad", action="store_const", const=True, default=None,
+                        help="let CPR's gradient reach the negatives (trains the prompts that restored them; default: "
+                             "negatives restored without autograd, as in CPL's official code)")
     parser.add_argument("--cpr-form", choices=("infonce", "l1-push"), default=None,
                         help="CPR loss: infonce (cplfast's, fused kernel) or l1-push (the CPL authors' template: "
                              "-weight x mean_k sum_l w_l L1(phi_l(out), phi_l(neg_k)), negatives detached) "
@@ -83,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _FLAG_FIELDS = {
     "preset": "preset", "prompt": "prompt", "data": "data", "tasks": "tasks", "steps": "steps", "batch": "batch", "grad_accum": "grad_accum",
     "patch": "patch", "lr": "lr", "pixel_loss": "pixel_loss", "negatives": "num_negatives", "cpr_weight": "cpr_weight",
-    "cpr_batch_negatives": "cpr_batch_negatives", "cpr_negatives": "cpr_negatives", "cpr_form": "cpr_form",
+    "cpr_batch_negatives": "cpr_batch_negatives", "cpr_negatives": "cpr_negatives", "cpr_negative_grad": "cpr_negative_grad", "cpr_form": "cpr_form",
     "cpr_features": "cpr_features", "cpr_vgg_weights": "cpr_vgg_weights", "load_balance": "load_balance",
     "gate_noise": "gate_noise", "ema": "ema", "seed": "seed",
     "workers": "workers", "save_every": "save_every", "log_every": "log_every", "time_budget": "time_budget",

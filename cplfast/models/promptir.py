@@ -362,10 +362,11 @@ class PromptIR(nn.Module):
         return restore(self, image, tile=tile, overlap=overlap, routing=routing, routing_size=routing_size, **options)
 
     def forward_with_negatives(self, x: torch.Tensor, num_negatives: int, *, labels: torch.Tensor | None = None,
-                               negative_mode: str = "random", generator: torch.Generator | None = None):
-        """``(output (B,3,H,W), negatives (K,B,3,H,W))`` for CPR; ``cpl`` only (see :meth:`forward`)."""
+                               negative_mode: str = "random", generator: torch.Generator | None = None,
+                               negative_grad: bool = True):
+        """``(output (B,3,H,W), negatives (K,B,3,H,W))`` for CPR; ``cpl`` and ``promptir`` (see :meth:`forward`)."""
         out, aux = self(x, labels=labels, num_negatives=num_negatives, negative_mode=negative_mode,
-                        generator=generator, return_aux=True)
+                        generator=generator, negative_grad=negative_grad, return_aux=True)
         return out, aux["negatives"]
 
     # ------------------------------------------------------------------ forward
@@ -373,7 +374,7 @@ class PromptIR(nn.Module):
                 routing: Mapping[str, torch.Tensor] | None = None,
                 prompt_maps: Mapping[str, torch.Tensor] | None = None, num_negatives: int = 0,
                 negative_mode: str = "random", generator: torch.Generator | None = None,
-                return_aux: bool = False):
+                negative_grad: bool = True, return_aux: bool = False):
         """Restore ``x`` ``(B, in_channels, H, W)`` with H, W multiples of 8.
 
         Args:
@@ -389,6 +390,9 @@ class PromptIR(nn.Module):
                 device) or ``"ordered"`` (lowest-index unselected prompts first); see
                 :meth:`cplfast.SparsePromptModule.negative_routing`. promptir: ignored, negatives always
                 borrow other images' prompt weights (``"batch"``, module docstring).
+            negative_grad: ``False`` restores the negatives without autograd (no graph, no backward
+                through them: what CPL's official code does, and the trainer's default); ``True`` lets
+                CPR's gradient reach the prompts that restored them.
             return_aux: return ``(output, aux)`` (see the module docstring) instead of the output.
         """
         self._check_input(x)
@@ -414,8 +418,9 @@ class PromptIR(nn.Module):
             return out
         aux = {"routing": state.routing, "losses": state.losses, "prompt_maps": state.maps}
         if num_negatives:
-            negatives, negative_routing = self._negatives(x, latent, skips, state, num_negatives,
-                                                          negative_mode, generator)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and bool(negative_grad)):
+                negatives, negative_routing = self._negatives(x, latent, skips, state, num_negatives,
+                                                              negative_mode, generator)
             aux["negatives"], aux["negative_routing"] = negatives, negative_routing
         return (out, aux) if return_aux else (out, aux["negatives"])
 
