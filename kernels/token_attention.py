@@ -28,7 +28,9 @@ order and casts: deterministic, unlike fp32 atomics, and cheap, as a partial is 
 the ``>= 4M x d`` tiles that produced it. The split count comes from the SM count (:func:`default_splits`).
 With tf32x3 dots (every operand split into hi and lo parts) and more than 2048 accumulator elements
 per program, the dk/dv chunks are shared out over ``col_groups`` programs per (b,h, split) (grid axis 1),
-each recomputing P and dS for its pixels and owning ``cdiv(N_CHUNKS, col_groups)`` chunks.
+each recomputing P and dS for its pixels and owning ``cdiv(N_CHUNKS, col_groups)`` chunks. tf32 dots
+(fp16/bf16 inputs) do the same beyond ``TF32_HELD_ELEMENTS`` of k, v and own dk, dv columns per program
+(:func:`_tf32_col_groups`).
 
 Beyond M <= 16 and d <= 64, ``dq = dS @ k`` is left
 to a third kernel laid out as the forward (see :func:`backward_plan`): Triton's FMA dot keeps each
@@ -56,6 +58,7 @@ from ._device import device_guard, dot_precision, sm_count
 LOG2E = 1.4426950408889634
 MAX_CHUNKS = 4
 TF32X3_ACC_ELEMENTS = 2048
+TF32_HELD_ELEMENTS = 6144
 
 
 def _empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -408,20 +411,40 @@ def backward_plan(length: int, bh: int, m: int, d: int, dtype: torch.dtype, prec
         block_l, num_warps = 16, 8
         dq = None if fused else Plan(16, block_m, 16, -(-d // 16), 8, precision)
     else:
-        block_l, num_warps = (16, 8) if precision == "tf32x3" else (32, 4)
+        # tf32 at M = 64: the k/v tiles and the dk/dv chunks over 8 warps (at 4, one block per sm_80 SM)
+        block_l, num_warps = (16, 8) if precision == "tf32x3" else (32, 8 if block_m >= 64 else 4)
+        if fused and precision == "tf32" and d_chunk == 32:
+            # 32-column chunks at 32 pixels land just above the 128 registers ptxas settles on for this
+            # pass (spilled 8-16 B with Triton 3.6: sm_80 bf16 d = 64, sm_90 fp16 d = 32); 16 pixels fit
+            block_l = 16
         if fused:
             dq = None
         elif precision == "tf32x3":  # the forward's 64-pixel blocks reach 255 registers here (sm_80)
             dq = Plan(16, block_m, d_chunk, n_chunks, 4, precision)
-        else:
-            dq = forward_plan(m, d, dtype, precision, cuda=True)
+        else:  # the dk/dv pass's 32-pixel blocks: with the forward's 64, ptxas spilled 8 B (M = 32, d = 48, sm_80)
+            dq = Plan(block_l, block_m, d_chunk, n_chunks, 4, precision)
     col_groups = 1
     if cuda and precision == "tf32x3":
         # tf32x3 splits every operand into hi and lo parts: beyond 2048 accumulator elements per
         # program (dk and dv each), the chunks of dk/dv are shared out over programs (each recomputes P, dS)
         col_groups = min(n_chunks, -(-block_m * d_chunk * n_chunks // TF32X3_ACC_ELEMENTS))
+    elif cuda and precision == "tf32":
+        col_groups = _tf32_col_groups(block_m, d_chunk, n_chunks)
     return Plan(block_l, block_m, d_chunk, n_chunks, num_warps, precision,
                 default_splits(length, bh, m, block_l, sms), col_groups=col_groups, dq=dq)
+
+
+def _tf32_col_groups(block_m: int, d_chunk: int, n_chunks: int) -> int:
+    """Column groups of the tf32 (fp16/bf16 inputs) dk/dv pass: the fewest whose programs each hold at most
+    ``TF32_HELD_ELEMENTS`` elements of k and v (all d columns: the unrolled chunk loops keep both tiles
+    in registers over the pixel loop) plus their own columns of dk and dv. Beyond it the compile audit
+    found spills: up to ~1 KB/thread at M = 64, d = 128 on sm_80 with one group; M = 32 spills from
+    ``block_m * (d + 2 * own columns)`` = 8192 on (M = 32, d = 128, two groups)."""
+    for groups in range(1, n_chunks + 1):
+        own = -(-n_chunks // groups)
+        if block_m * d_chunk * (n_chunks + 2 * own) <= TF32_HELD_ELEMENTS:
+            return groups
+    return n_chunks
 
 
 def default_splits(length: int, bh: int, m: int, block_l: int, sms: int) -> int:

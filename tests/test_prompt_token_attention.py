@@ -250,6 +250,36 @@ def test_triton_tf32x3_backward_plans_under_the_interpreter(m, d, expect):
     assert_close(triton_vs_reference(q, k, v, None, fwd_plan=fwd, bwd_plan=bwd))
 
 
+@pytest.mark.parametrize(
+    "m, d, expect",
+    [
+        # fp16/bf16 inputs (tf32 dots) on a GPU: dk/dv chunks shared out over programs so that k, v and the
+        # own dk, dv columns stay within TF32_HELD_ELEMENTS; M = 64 on 8 warps; fused d <= 64 at 16 pixels
+        (64, 128, dict(block_l=32, block_m=64, d_chunk=32, n_chunks=4, num_warps=8, col_groups=4)),
+        (32, 96, dict(block_l=32, block_m=32, d_chunk=32, n_chunks=3, num_warps=4, col_groups=3)),
+        (64, 64, dict(block_l=32, block_m=64, d_chunk=32, n_chunks=2, num_warps=8, col_groups=2)),
+        (32, 64, dict(block_l=32, block_m=32, d_chunk=32, n_chunks=2, num_warps=4, col_groups=1)),
+        (16, 128, dict(block_l=32, block_m=16, d_chunk=32, n_chunks=4, num_warps=4, col_groups=1)),
+        (16, 64, dict(block_l=16, block_m=16, d_chunk=32, n_chunks=2, num_warps=4, col_groups=1)),
+        (16, 48, dict(block_l=32, block_m=16, d_chunk=16, n_chunks=3, num_warps=4, col_groups=1)),
+    ],
+)
+def test_triton_tf32_backward_plans_under_the_interpreter(monkeypatch, m, d, expect):
+    """The fp16/bf16 backward plans (column groups, warps, pixel blocks; dq on the dk/dv pass's pixel
+    blocks when not fused), run with ieee dots on poisoned buffers, fewer pixels, the splits kept."""
+    monkeypatch.setattr(kernels, "_empty", lambda shape, dtype, device: torch.full(tuple(shape), float("nan"),
+                                                                                   dtype=dtype, device=device))
+    fwd, bwd = cuda_plans(4096, 16, m, d, "tf32")
+    assert {name: getattr(bwd, name) for name in expect} == expect
+    fused = m <= 16 and d <= 64
+    assert (bwd.dq is None) == fused
+    if not fused:
+        assert (bwd.dq.block_l, bwd.dq.num_warps, bwd.dq.d_chunk, bwd.dq.n_chunks) == (32, 4, bwd.d_chunk, bwd.n_chunks)
+    bwd = dataclasses.replace(bwd, splits=3)
+    q, k, v = make_inputs(1, 2, 71, m, d, dtype=torch.float32)
+    assert_close(triton_vs_reference(q, k, v, None, fwd_plan=fwd, bwd_plan=bwd))
+
+
 @pytest.mark.parametrize("col_groups", [2, 3])
 def test_triton_backward_column_groups(monkeypatch, col_groups):
     """dk/dv chunks shared out over ``col_groups`` programs (3 chunks of 16 columns for d = 40), on
