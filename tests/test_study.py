@@ -91,6 +91,7 @@ def test_summary_verdicts_follow_the_paired_intervals():
     assert claims["cpl"]["verdict"] == "reproduced" and claims["cpl"]["diff_db"] == pytest.approx(0.51)
     assert claims["dppd"]["verdict"] == "inconclusive"
     assert claims["pip"]["verdict"] == "not at this scale"
+    assert claims["cpl"]["ssim_verdict"] == "inconclusive"  # the SSIM of these finals is the same for all
     text = markdown(summarise(finals))
     assert "**reproduced**" in text and "**not at this scale**" in text
 

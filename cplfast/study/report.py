@@ -7,7 +7,8 @@ interval is Student's t over the n seeds, ``mean(d) ± t_{0.975, n−1} · sd(d)
 t = 4.30: only large, consistent effects clear zero). The unit of replication is the training run,
 not the image: the held-out crops are shared by all runs, so their count does not narrow the interval.
 
-Verdict per claim: **reproduced** when the interval lies above 0, **not at this scale** when it lies
+Verdict per claim (on the mean PSNR, RGB; the same rule is applied to SSIM beside it):
+**reproduced** when the interval lies above 0, **not at this scale** when it lies
 below 0, **inconclusive** when it contains 0. The papers' gains are printed beside it but not tested:
 their data, model size and training length differ from a CPU study by orders of magnitude.
 """
@@ -113,9 +114,13 @@ def summarise(finals: Sequence[dict], *, baseline: str = BASELINE) -> dict[str, 
         common = [s for s in by_variant[variant] if s in by_variant[reference]]
         diffs = [_metric(by_variant[variant][s]) - _metric(by_variant[reference][s]) for s in common]
         mean, low, high = t_interval(diffs)
+        ssim = t_interval([_metric(by_variant[variant][s], key="ssim_out") - _metric(by_variant[reference][s], key="ssim_out")
+                           for s in common])
         summary["claims"].append({"claim": claim, "variant": variant, "reference": reference, "seeds": common,
                                   "diff_db": mean, "low": low, "high": high, "paper_gain_db": paper_gain,
-                                  "verdict": verdict(low, high)})
+                                  "verdict": verdict(low, high),
+                                  "ssim_diff": ssim[0], "ssim_low": ssim[1], "ssim_high": ssim[2],
+                                  "ssim_verdict": verdict(ssim[1], ssim[2])})
     return summary
 
 
@@ -166,11 +171,13 @@ def markdown(summary: dict, *, config: dict | None = None) -> str:
     lines += ["", "## Paper claims", "",
               "Verdict: reproduced = the 95% interval of the paired difference lies above 0; not at this scale = "
               "below 0; inconclusive = it contains 0. Paper gains (five-task setting) are for reference only.", "",
-              "| claim | measured Δ PSNR RGB (dB) [95% CI] | paper gain (dB) | verdict |", "|---|---|---|---|"]
+              "| claim | measured Δ PSNR RGB (dB) [95% CI] | paper gain (dB) | verdict (PSNR) | Δ SSIM RGB [95% CI] | SSIM |",
+              "|---|---|---|---|---|---|"]
     for c in summary["claims"]:
         gain = f"{c['paper_gain_db']:+.2f}" if c["paper_gain_db"] is not None else "—"
         lines.append(f"| {c['claim']} | {c['diff_db']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | {gain} | "
-                     f"**{c['verdict']}** |")
+                     f"**{c['verdict']}** | {c['ssim_diff']:+.4f} [{c['ssim_low']:+.4f}, {c['ssim_high']:+.4f}] | "
+                     f"{c['ssim_verdict']} |")
     return "\n".join(lines) + "\n"
 
 
