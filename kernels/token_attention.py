@@ -389,6 +389,8 @@ def forward_plan(m: int, d: int, dtype: torch.dtype, precision: str, *, cuda: bo
         return Plan(32, block_m, d_chunk, n_chunks, 4, precision)
     if precision == "ieee":
         block_l = {16: 64, 32: 32}.get(block_m, 16)
+        if d > 96:  # M <= 16, d = 128 at 64 pixels: ptxas spilled 4-8 B at 64 registers (sm_80)
+            block_l = min(block_l, 32)
         return Plan(block_l, block_m, 16, -(-d // 16), 8, precision)
     d_chunk, n_chunks = _chunking(d, widest=32)
     return Plan(64, block_m, d_chunk, n_chunks, 4, precision)

@@ -219,6 +219,17 @@ def test_triton_cuda_plans_under_the_interpreter(m, d, length, expect_fwd, expec
     assert_close(triton_vs_reference(q, k, v, None, fwd_plan=fwd, bwd_plan=bwd))
 
 
+def test_triton_ieee_forward_plan_beyond_d96_under_the_interpreter():
+    """fp32 "highest" forward at M <= 16, d = 128 on a GPU: 32-pixel blocks (not 64), 16-column chunks."""
+    fwd = kernels.forward_plan(16, 128, torch.float32, "ieee", cuda=True)
+    assert (fwd.block_l, fwd.block_m, fwd.d_chunk, fwd.n_chunks, fwd.num_warps) == (32, 16, 16, 8, 8)
+    assert kernels.forward_plan(16, 96, torch.float32, "ieee", cuda=True).block_l == 64
+    q, k, v = make_inputs(1, 2, 77, 11, 128, dtype=torch.float32)
+    assert_close(triton_vs_reference(q, k, v, None, fwd_plan=fwd,
+                                     bwd_plan=kernels.backward_plan(77, 2, 11, 128, torch.float32, "ieee",
+                                                                    sms=1, cuda=False)))
+
+
 @pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
 @pytest.mark.parametrize("m, d", [(5, 24), (37, 40)])
 def test_triton_tensor_core_plans_under_the_interpreter(precision, m, d):
