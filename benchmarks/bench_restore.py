@@ -261,15 +261,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def _estimates(args) -> list[dict]:
+def _estimates(args, model) -> list[dict]:
     """Model estimates (not measurements) of whole and exact at --estimate-sizes."""
     import torch
 
-    from cplfast.models import PromptIR
     from cplfast.models.inference import estimate_restore_bytes
     from cplfast.models.streaming import estimate_streaming_bytes
 
-    model = PromptIR(args.prompt, args.preset)
     rows = []
     for size in filter(None, args.estimate_sizes.split(",")):
         h, w = (int(v) for v in size.split("x"))
@@ -291,15 +289,13 @@ def largest_fitting(estimate, budget: int, aspect: tuple[int, int] = (2, 3)) -> 
     return 8 * ah * lo, 8 * aw * lo
 
 
-def _budget_rows(args) -> list[dict]:
+def _budget_rows(model) -> list[dict]:
     """Per memory budget, the largest 3:2 image whole and exact (smallest band, 8 rows) fit, by the estimators."""
     import torch
 
-    from cplfast.models import PromptIR
     from cplfast.models.inference import estimate_restore_bytes
     from cplfast.models.streaming import estimate_streaming_bytes
 
-    model = PromptIR(args.prompt, args.preset)
     rows = []
     for gib in (8, 16, 24, 80):
         budget = gib * 2**30
@@ -323,8 +319,11 @@ def _budget_markdown(rows) -> str:
 def _write(out: Path, records, args) -> None:
     import torch
 
-    records = list(records) + _estimates(args)
-    budgets = _budget_rows(args)
+    from cplfast.models import PromptIR
+
+    model = PromptIR(args.prompt, args.preset)  # only its shapes are read by the estimators
+    records = list(records) + _estimates(args, model)
+    budgets = _budget_rows(model)
 
     meta = dict(machine=platform.machine(), processor=platform.processor(), cpus=os.cpu_count(),
                 torch=torch.__version__, python=platform.python_version(), threads=args.threads,

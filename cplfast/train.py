@@ -47,18 +47,21 @@ A resume drops the lines of steps after its checkpoint, so the log always matche
 
 CPR (cpl with ``num_negatives`` > 0): the negatives are restored with unselected prompts drawn at random
 per image, slot and step (``cpr_negatives="random"``, the paper's choice; ``"ordered"`` takes them in
-index order). ``prompt="promptir"`` with ``cpr_negatives="batch"`` is CPR without SPM (the CPL paper's
-"CPR only" ablation): negative j restores each image with the dense prompt weights of the image j places
-before it in the micro-batch (always another degradation with the embedded data's task cycling); promptir
-trains without CPR under any other ``cpr_negatives``. The negatives are restored without autograd
+index order), from per-image seeds (the run seed and the image's index in the data stream), so a
+resumed run, or one on any number of processes, draws the same negatives. ``cpr_form`` /
+``cpr_features`` pick the loss form and feature space (:class:`cplfast.ContrastivePromptLoss`);
+``load_balance`` and ``gate_noise`` are opt-in extensions against routing collapse that CPL does not
+have (:class:`cplfast.SparsePromptModule`).
+
+``prompt="promptir"`` with ``cpr_negatives="batch"`` is CPR without SPM (the CPL paper's "CPR only"
+ablation): negative j restores each image with the dense prompt weights of the image j places before it
+in the micro-batch (always another degradation with the embedded data's task cycling); promptir trains
+without CPR under any other ``cpr_negatives``. The negatives are restored without autograd
 (``cpr_negative_grad=False``, as CPL's official code computes them under ``no_grad``): CPR moves the
 output away from them but never trains a prompt to restore badly. With ``cpr_negative_grad=True`` the
 InfoNCE gradient also reaches the negatives; ``cplfast study`` found that this teaches the unselected
-prompts to ruin images, so a router that picks another prompt on other image sizes (trained on 32²
-patches, evaluated on 128² crops) restored held-out crops to 12.4 dB from an 18.7 dB input from torch's default generator, whose state the checkpoints store — a resumed run draws
-the same negatives. ``cpr_form`` / ``cpr_features`` pick the loss form and feature space
-(:class:`cplfast.ContrastivePromptLoss`); ``load_balance`` and ``gate_noise`` are opt-in extensions
-against routing collapse that CPL does not have (:class:`cplfast.SparsePromptModule`).
+prompts to ruin images: a router that picked another prompt on other image sizes (trained on 32²
+patches, evaluated on 128² crops) restored held-out crops to 12.4 dB from an 18.7 dB input.
 """
 
 from __future__ import annotations
